@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny hand-made Herlev-like folders and the real copies when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pap_severity.data.labels import CLASS_FOLDERS
+from pap_severity.data.masks import BACKGROUND, CYTOPLASM, NUCLEUS, encode_mask
+
+SHARED = Path(os.environ.get("HERLEV_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+HERLEV_40PX = SHARED / "herlev-40px"
+HERLEV_JPG = SHARED / "herlev-jpg"
+HERLEV_COUNTS = {
+    "normal_superficiel": 74,
+    "normal_intermediate": 70,
+    "normal_columnar": 98,
+    "light_dysplastic": 182,
+    "moderate_dysplastic": 146,
+    "severe_dysplastic": 197,
+    "carcinoma_in_situ": 150,
+}
+
+
+def require(path: Path) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"real Herlev copy not found at {path} (see ../shared/datasets/README.md)")
+    return path
+
+
+@pytest.fixture
+def herlev_40px() -> Path:
+    return require(HERLEV_40PX)
+
+
+@pytest.fixture
+def herlev_jpg() -> Path:
+    return require(HERLEV_JPG)
+
+
+def write_cell(folder: Path, stem: str, seed: int, size: int = 32, nucleus_radius: int = 5,
+               with_mask: bool = True) -> Path:
+    """One small cell: a random image and a mask with a round nucleus inside a round cytoplasm."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / f"{stem}.BMP"
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(image)
+    if with_mask:
+        yy, xx = np.mgrid[:size, :size]
+        r2 = (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+        codes = np.full((size, size), BACKGROUND, np.uint8)
+        codes[r2 <= (size / 2.5) ** 2] = CYTOPLASM
+        codes[r2 <= nucleus_radius**2] = NUCLEUS
+        encode_mask(codes).save(folder / f"{stem}-d.bmp")
+    return image
+
+
+@pytest.fixture
+def tiny_herlev(tmp_path: Path) -> Path:
+    """8 cells in each of the 7 class folders, nested one level down as in the smear2005 zip."""
+    root = tmp_path / "smear2005" / "New database pictures"
+    for c, name in enumerate(CLASS_FOLDERS):
+        for i in range(8):
+            write_cell(root / name, f"{c:02d}{i:03d}-{i}", seed=100 * c + i)
+    return tmp_path / "smear2005"
