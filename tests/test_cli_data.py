@@ -1,0 +1,93 @@
+"""The `pap-severity data ...` commands, end to end through the CLI."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from pap_severity.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_synth_manifest_split_validate_chain(tmp_path):
+    synth = tmp_path / "synth"
+    assert run("data", "synth", "--out", synth, "--per-class", 10, "--size", 32, "--seed", 1).exit_code == 0
+    manifest = tmp_path / "manifest.csv"
+    res = run("data", "manifest", synth, "--out", manifest)
+    assert res.exit_code == 0, res.output
+    assert "70 cells (synthetic)" in res.output
+    splits = tmp_path / "splits.csv"
+    res = run("data", "split", manifest, "--out", splits)
+    assert res.exit_code == 0, res.output
+    res = run("data", "validate", manifest, "--splits", splits, "--out", tmp_path / "val")
+    assert res.exit_code == 0, res.output
+    assert "validation passed" in res.output
+    result = json.loads((tmp_path / "val" / "validation.json").read_text())
+    assert result["success"] is True and result["source"] == "synthetic"
+    assert (tmp_path / "val" / "data_docs" / "index.html").is_file()
+
+
+def test_validate_a_folder_with_bad_files_exits_1_and_names_them(tiny_herlev):
+    folder = next(tiny_herlev.rglob("moderate_dysplastic"))
+    victim = sorted(folder.glob("*.BMP"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    res = run("data", "validate", tiny_herlev)
+    assert res.exit_code == 1
+    assert "every image decodes" in res.output and victim.as_posix() in res.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("data", "manifest", "/nonexistent/dir"), "no such folder"),
+        (("data", "split", "/nonexistent/m.csv"), "no manifest"),
+        (("data", "synth", "--out", "{tmp}/s", "--per-class", 0), "per_class"),
+        (("data", "fetch", "--zip", "/nonexistent/smear2005.zip", "--dest", "{tmp}/raw"), "no such file"),
+        (("data", "fetch", "--url", "http://127.0.0.1:9/smear2005.zip", "--dest", "{tmp}/raw"), "--zip"),
+        (("data", "split", "--params", "{tmp}/missing.yaml"), "no such params file"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, message):
+    res = run(*[str(a).replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_a_wrong_params_value_names_the_key(tmp_path):
+    (tmp_path / "p.yaml").write_text("split:\n  folds: 1\n")
+    res = run("data", "split", tmp_path / "m.csv", "--params", tmp_path / "p.yaml")
+    assert res.exit_code == 2 and "split.folds" in res.output
+
+
+@pytest.mark.herlev
+def test_real_herlev_40px_validates(herlev_40px, tmp_path):
+    res = run("data", "validate", herlev_40px, "--out", tmp_path / "val")
+    assert res.exit_code == 0, res.output
+    assert "917 cells (herlev)" in res.output
+
+
+@pytest.mark.herlev
+def test_damaged_herlev_copy_fails_naming_exactly_the_damaged_files(herlev_40px, tmp_path):
+    """One BMP truncated, one mask deleted, one image copied into another class folder."""
+    copy = tmp_path / "herlev"
+    shutil.copytree(herlev_40px, copy)
+    light = sorted((copy / "light_dysplastic").glob("*.BMP"))
+    truncated, unmasked = light[0], light[1]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (unmasked.parent / f"{unmasked.stem}-d.bmp").unlink()
+    original = sorted((copy / "severe_dysplastic").glob("*.BMP"))[0]
+    duplicate = copy / "carcinoma_in_situ" / f"copied-{original.name}"
+    shutil.copy(original, duplicate)
+    shutil.copy(original.parent / f"{original.stem}-d.bmp", duplicate.parent / f"{duplicate.stem}-d.bmp")
+
+    res = run("data", "validate", copy)
+    assert res.exit_code == 1
+    named = {line.strip() for line in res.output.splitlines() if line.startswith("  /")}
+    assert named == {p.as_posix() for p in (truncated, unmasked, original, duplicate)}
