@@ -52,6 +52,14 @@ _SITE = "pap_severity"
 _EXAMPLES = 5
 
 
+def _relative(path: Path) -> str:
+    """A path relative to the working directory when it lies below it: metrics files stay portable."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 @dataclass
 class Failure:
     expectation: str  # short human name, e.g. "every image decodes"
@@ -81,7 +89,7 @@ class ValidationReport:
             "source": self.source,
             "class_counts": dict(self.class_counts),
             "failures": [asdict(f) for f in self.failures],
-            "data_docs": str(self.data_docs) if self.data_docs else None,
+            "data_docs": _relative(self.data_docs) if self.data_docs else None,
         }
 
 
