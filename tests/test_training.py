@@ -1,0 +1,411 @@
+"""The training loop on a tiny synthetic set: resnet18 at 32 px, a few dozen cells, CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pap_severity import training
+from pap_severity.checkpoints import ModelBundle, load_bundle
+from pap_severity.config import Config, SplitConfig
+from pap_severity.data.manifest import build_manifest, open_image
+from pap_severity.data.splits import make_splits
+from pap_severity.data.synth import make_synthetic
+from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS
+from pap_severity.models import build_model
+from pap_severity.pipelines import get_pipeline
+from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, channel_stats, square_resize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory) -> dict:
+    """42 synthetic cells (6 per class folder: 18 normal, 6 of each other severity), 2 folds + test."""
+    root = tmp_path_factory.mktemp("cells")
+    make_synthetic(root / "synth", per_class=6, size=32, seed=0, progress=False)
+    manifest = build_manifest(root / "synth", progress=False)
+    splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.2, seed=0))
+    cv = splits[splits["part"] == "cv"]
+    return {
+        "manifest": manifest,
+        "splits": splits,
+        "train": cv[cv["fold"] != 0][["path", "severity"]],
+        "val": cv[cv["fold"] == 0][["path", "severity"]],
+        "test": splits[splits["part"] == "test"][["path", "severity"]],
+    }
+
+
+def tiny_config(**train) -> Config:
+    cfg = Config()
+    settings = {"epochs": 2, "batch_size": 16, "device": "cpu", "workers": 0, "seed": 0, "threads": 1, **train}
+    return cfg.model_copy(update={
+        "model": cfg.model.model_copy(update={"arch": "resnet18", "weights": "none", "image_size": 32}),
+        "train": cfg.train.model_copy(update=settings),
+    })
+
+
+def no_augment(cfg: Config) -> Config:
+    off = {"hflip": False, "vflip": False, "rot90": False, "affine_degrees": 0.0, "affine_translate": 0.0,
+           "affine_scale": 0.0, "color_jitter": 0.0}
+    return cfg.model_copy(update={"augment": cfg.augment.model_copy(update=off)})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_bundle(path)[0].model.state_dict()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0.0 if atol == 0.0 else 1e-5, msg=key)
+
+
+def assert_same_history(a: list[dict], b: list[dict]) -> None:
+    assert [e["epoch"] for e in a] == [e["epoch"] for e in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7, nan_ok=True), key
+
+
+def test_training_reduces_the_loss(cells, tmp_path):
+    cfg = no_augment(tiny_config(epochs=6, scheduler="none", balance="none"))
+    result = training.train_fold(cfg, "classification", cells["train"], cells["val"], tmp_path / "m.pt",
+                                 progress=False)
+    losses = [e["train_loss"] for e in result.history]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert result.checkpoint.is_file() and not training.resume_path(result.checkpoint).exists()
+    bundle, extra = load_bundle(result.checkpoint)
+    assert extra["complete"] and extra["history"] == result.history
+    assert bundle.meta["best_epoch"] == result.best_epoch
+    entry = result.history[0]
+    assert {"epoch", "train_loss", "lr", "val_loss", "val_accuracy", "val_mean_auc", "val_qwk", "val_mse"} <= set(entry)
+
+
+def test_same_seed_same_result_other_seed_other_result(cells, tmp_path):
+    cfg = tiny_config()
+    a = training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "a.pt", progress=False)
+    b = training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "b.pt", progress=False)
+    assert_same_history(a.history, b.history)
+    assert_same_weights(weights(a.checkpoint), weights(b.checkpoint))
+    other = tiny_config(seed=1, epochs=1)
+    c = training.train_fold(other, "combined", cells["train"], cells["val"], tmp_path / "c.pt", progress=False)
+    assert c.history[0]["train_loss"] != a.history[0]["train_loss"]
+
+
+def test_workers_do_not_change_the_result(cells, tmp_path):
+    """Every draw's augmentation is seeded by (seed, epoch, position), not by the process."""
+    a = training.train_fold(tiny_config(epochs=1), "combined", cells["train"], cells["val"], tmp_path / "a.pt",
+                            progress=False)
+    b = training.train_fold(tiny_config(epochs=1, workers=2), "combined", cells["train"], cells["val"],
+                            tmp_path / "b.pt", progress=False)
+    assert_same_history(a.history, b.history)
+    assert_same_weights(weights(a.checkpoint), weights(b.checkpoint), atol=1e-6)
+
+
+def test_the_epoch_sampler_is_a_function_of_seed_and_epoch():
+    s = training._EpochSampler(50, seed=3)
+    s.set_epoch(1)
+    first = list(s)
+    assert sorted(i for i, _ in first) == list(range(50))
+    assert list(s) == first  # same epoch, same draws: what resume relies on
+    s.set_epoch(2)
+    assert list(s) != first
+    # Weighted draws with replacement balance a 45/5 set.
+    labels = torch.tensor([0] * 45 + [1] * 5)
+    sampler = training._EpochSampler(50, 0, training.balanced_class_weights(labels, 2)[labels])
+    drawn = []
+    for epoch in range(1, 21):
+        sampler.set_epoch(epoch)
+        drawn += [labels[i].item() for i, _ in sampler]
+    assert 0.4 < np.mean(drawn) < 0.6
+
+
+@pytest.mark.parametrize("balance", ["weighted_loss", "sampler", "none"])
+def test_balance_modes(cells, tmp_path, monkeypatch, balance):
+    loss_weights, sampler_weights = [], []
+    real = get_pipeline("combined")
+
+    def recording_loss(out, y, cfg, w):
+        if w is not None:
+            loss_weights.append((y.clone(), w.clone()))
+        return real.loss(out, y, cfg, w)
+
+    class RecordingSampler(training._EpochSampler):
+        def __init__(self, n, seed, weights=None):
+            sampler_weights.append(weights)
+            super().__init__(n, seed, weights)
+
+    monkeypatch.setattr(training, "get_pipeline", lambda name: dataclasses.replace(real, loss=recording_loss))
+    monkeypatch.setattr(training, "_EpochSampler", RecordingSampler)
+    training.train_fold(tiny_config(epochs=1, balance=balance), "combined", cells["train"], cells["val"],
+                        tmp_path / "m.pt", progress=False)
+    labels = torch.tensor(cells["train"]["severity"].astype(int).tolist())
+    class_weights = training.balanced_class_weights(labels)
+    if balance == "weighted_loss":
+        assert loss_weights and sampler_weights == [None]
+        for y, w in loss_weights:
+            torch.testing.assert_close(w, class_weights[y])
+        assert class_weights[1:].min() > class_weights[0]  # the rare classes weigh more than normal cells
+    elif balance == "sampler":
+        assert not loss_weights
+        torch.testing.assert_close(sampler_weights[0], class_weights[labels])
+    else:
+        assert not loss_weights and sampler_weights == [None]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
+def test_scheduler_choices(cells, tmp_path, scheduler):
+    cfg = tiny_config(epochs=3, scheduler=scheduler, optimizer="sgd", lr=0.01, batch_size=8)
+    result = training.train_fold(cfg, "classification", cells["train"], cells["val"], tmp_path / "m.pt",
+                                 progress=False)
+    lrs = [e["lr"] for e in result.history]
+    if scheduler == "none":
+        assert lrs == [0.01] * 3
+    elif scheduler == "cosine":  # stepped per epoch: the lr of epoch e is 0.01 * (1 + cos(pi (e-1) / 3)) / 2
+        assert lrs == pytest.approx([0.01 * (1 + np.cos(np.pi * e / 3)) / 2 for e in range(3)])
+    else:  # stepped per batch: warms up, peaks, anneals to far below the peak
+        assert lrs[0] != pytest.approx(0.01) and max(lrs) <= 0.01 + 1e-12 and lrs[-1] < 1e-4
+
+
+def test_early_stopping_stops_and_keeps_the_best_epoch(cells, tmp_path, monkeypatch):
+    script = iter([0.2, 0.6, 0.4, 0.5, 0.3, 0.9])
+    snapshots = {}
+    real = training._evaluate
+
+    def scripted(model, loader, pipeline, cfg, device, amp, channels_last):
+        metrics = real(model, loader, pipeline, cfg, device, amp, channels_last)
+        metrics["accuracy"] = next(script)
+        snapshots[len(snapshots) + 1] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return metrics
+
+    monkeypatch.setattr(training, "_evaluate", scripted)
+    calls = []
+    cfg = tiny_config(epochs=6, patience=2, early_stopping_metric="accuracy")
+    result = training.train_fold(cfg, "classification", cells["train"], cells["val"], tmp_path / "m.pt",
+                                 progress=False, on_epoch=lambda e, m: calls.append((e, m["accuracy"])))
+    assert calls == [(1, 0.2), (2, 0.6), (3, 0.4), (4, 0.5)]  # two epochs without progress: stop
+    assert (result.best_epoch, result.best_metric) == (2, 0.6)
+    assert len(result.history) == 4
+    assert_same_weights(weights(result.checkpoint), snapshots[2])
+
+
+def test_lower_is_better_for_errors_and_nan_never_improves():
+    assert training.is_better("mse", 0.1, 0.2) and not training.is_better("mse", 0.3, 0.2)
+    assert training.is_better("accuracy", 0.3, 0.2) and not training.is_better("accuracy", 0.1, 0.2)
+    assert training.is_better("mae", 1.0, None)
+    assert not training.is_better("accuracy", float("nan"), None)
+    assert training.is_better("accuracy", 0.0, float("nan"))
+
+
+def test_divergence_is_reported_not_decoded(cells, tmp_path):
+    cfg = tiny_config(epochs=1, optimizer="sgd", lr=1e6, scheduler="none")
+    with pytest.raises(training.TrainingDiverged, match="lower train.lr"):
+        training.train_fold(cfg, "regression", cells["train"], cells["val"], tmp_path / "m.pt", progress=False)
+
+
+def test_unknown_stopping_metric_is_refused(cells, tmp_path):
+    cfg = tiny_config(early_stopping_metric="acuracy")
+    with pytest.raises(ValueError, match="acuracy"):
+        training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "m.pt", progress=False)
+
+
+def test_on_epoch_exceptions_propagate_after_the_epoch_is_saved(cells, tmp_path):
+    class Pruned(Exception):
+        pass
+
+    def prune(epoch, metrics):
+        raise Pruned
+
+    with pytest.raises(Pruned):
+        training.train_fold(tiny_config(), "corn", cells["train"], cells["val"], tmp_path / "m.pt",
+                            progress=False, on_epoch=prune)
+    assert training.resume_path(tmp_path / "m.pt").is_file() and not (tmp_path / "m.pt").exists()
+
+
+def test_dataset_statistics_unless_imagenet(cells, tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=1)
+    result = training.train_fold(cfg, "sord", cells["train"], cells["val"], tmp_path / "a.pt", progress=False)
+    pre = load_bundle(result.checkpoint)[0].preprocess
+    images = [square_resize(open_image(p), 32) for p in cells["train"]["path"]]
+    mean, std = channel_stats(images)
+    assert pre.mean == pytest.approx(mean) and pre.std == pytest.approx(std) and pre.image_size == 32
+
+    # ImageNet initialisation normalises with ImageNet statistics (weights not downloaded here).
+    real_build = training.build_model
+    monkeypatch.setattr(training, "build_model", lambda arch, w, head: real_build(arch, "none", head))
+    imagenet = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": "imagenet"})})
+    result = training.train_fold(imagenet, "sord", cells["train"], cells["val"], tmp_path / "b.pt", progress=False)
+    pre = load_bundle(result.checkpoint)[0].preprocess
+    assert (pre.mean, pre.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert training.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="cuda"):
+        training.resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert training.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training.resolve_device("auto") == torch.device("cuda")
+    assert training.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_device_auto_is_cpu_on_this_machine():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has an accelerator")
+    assert training.resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("pipeline", ["combined", "regression", "corn"])
+def test_predict_items(cells, pipeline):
+    torch.manual_seed(0)
+    head = get_pipeline(pipeline).head
+    bundle = ModelBundle(build_model("resnet18", "none", head), get_pipeline(pipeline), "resnet18",
+                         Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    table = training.predict_items(bundle, cells["test"], batch_size=4)
+    assert list(table.columns) == ["path", "severity", "pred", "score", *PROB_COLUMNS]
+    assert table["path"].tolist() == cells["test"]["path"].tolist()
+    assert table["severity"].tolist() == cells["test"]["severity"].astype(int).tolist()
+    np.testing.assert_allclose(table[PROB_COLUMNS].sum(axis=1), 1.0, atol=1e-5)
+    assert table["pred"].between(0, 4).all() and np.isfinite(table["score"]).all()
+    if pipeline != "regression":  # classifiers: the score is the expected score of the probabilities
+        np.testing.assert_allclose(table["score"], table[PROB_COLUMNS].to_numpy() @ np.arange(1, 6), atol=1e-4)
+    one_by_one = training.predict_items(bundle, cells["test"][["path"]], batch_size=1)
+    np.testing.assert_allclose(one_by_one["score"], table["score"], atol=1e-5)  # eval mode: batch-independent
+    assert one_by_one["severity"].isna().all()
+
+
+def test_cross_validate_writes_predictions_and_resume_reuses_folds(cells, tmp_path):
+    cfg = tiny_config(epochs=1)
+    out = tmp_path / "models"
+    predictions = training.cross_validate(cfg, "combined", cells["manifest"], cells["splits"], out, progress=False)
+    assert tuple(predictions.columns) == PREDICTION_COLUMNS
+    splits = cells["splits"]
+    val = predictions[predictions["part"] == "val"]
+    assert sorted(val["path"]) == sorted(splits.loc[splits["part"] == "cv", "path"])  # every cv cell once
+    test = predictions[predictions["part"] == "test"]
+    assert len(test) == 2 * (splits["part"] == "test").sum()  # each fold model on the test part
+    folder = out / "combined"
+    on_disk = pd.read_csv(folder / training.PREDICTIONS_FILE)
+    assert len(on_disk) == len(predictions) and list(on_disk.columns) == list(PREDICTION_COLUMNS)
+    summary = json.loads((folder / training.TRAINING_FILE).read_text())
+    assert set(summary) == {"0", "1"} and len(summary["0"]["history"]) == 1
+    for k in (0, 1):
+        assert training.fold_checkpoint(out, "combined", k).is_file()
+
+    stamps = [training.fold_checkpoint(out, "combined", k).stat().st_mtime_ns for k in (0, 1)]
+    again = training.cross_validate(cfg, "combined", cells["manifest"], cells["splits"], out, progress=False,
+                                    resume=True)
+    assert [training.fold_checkpoint(out, "combined", k).stat().st_mtime_ns for k in (0, 1)] == stamps
+    pd.testing.assert_frame_equal(again, predictions)
+
+
+def test_cross_validate_refuses_splits_of_another_manifest(cells, tmp_path):
+    other = cells["splits"].copy()
+    other.loc[0, "path"] = "/nowhere/cell.BMP"
+    with pytest.raises(ValueError, match="not in the manifest"):
+        training.cross_validate(tiny_config(), "combined", cells["manifest"], other, tmp_path, progress=False)
+
+
+def test_train_final_uses_every_cv_cell_for_fixed_epochs(cells, tmp_path):
+    bundle = training.train_final(tiny_config(epochs=3), "regression", cells["manifest"], cells["splits"],
+                                  tmp_path / "final.pt", epochs=2, progress=True)
+    _, extra = load_bundle(tmp_path / "final.pt")
+    assert [e["epoch"] for e in extra["history"]] == [1, 2]
+    assert bundle.meta["role"] == "final" and bundle.meta["best_epoch"] == 2
+    assert bundle.pipeline.name == "regression"
+    assert not any(k.startswith("val_") for k in extra["history"][0])
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    import pandas as pd
+    from pap_severity.config import Config
+    from pap_severity.training import train_fold
+
+    work = Path(sys.argv[1])
+    cfg = Config.model_validate_json((work / "cfg.json").read_text())
+    train, val = pd.read_csv(work / "train.csv"), pd.read_csv(work / "val.csv")
+
+    def on_epoch(epoch, metrics):
+        if epoch == 1:
+            (work / "epoch1.done").write_text("")
+            time.sleep(120)  # killed here, after the first epoch's checkpoint
+
+    train_fold(cfg, "combined", train, val, work / "killed.pt", on_epoch=on_epoch, progress=False)
+    """
+)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(cells, tmp_path):
+    cfg = tiny_config(epochs=3, scheduler="onecycle")
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
+    cells["train"].to_csv(tmp_path / "train.csv", index=False)
+    cells["val"].to_csv(tmp_path / "val.csv", index=False)
+    (tmp_path / "run.py").write_text(RESUME_SCRIPT)
+    state = training.resume_path(tmp_path / "killed.pt")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "epoch1.done").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the training subprocess ended early:\n{proc.stdout.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint after 240 s")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert state.is_file() and not (tmp_path / "killed.pt").exists()
+    assert load_bundle(state)[1]["epoch"] == 1
+
+    epochs_seen = []
+    resumed = training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "killed.pt",
+                                  resume=True, progress=False, on_epoch=lambda e, m: epochs_seen.append(e))
+    assert epochs_seen == [2, 3]  # continued after the last completed epoch
+    straight = training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "straight.pt",
+                                   progress=False)
+    assert_same_history(resumed.history, straight.history)
+    assert (resumed.best_epoch, resumed.best_metric) == (straight.best_epoch, straight.best_metric)
+    assert_same_weights(weights(resumed.checkpoint), weights(straight.checkpoint), atol=1e-6)
+    assert not state.exists()
+
+
+def test_resume_refuses_a_state_of_other_settings(cells, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, metrics):
+        raise Stop
+
+    with pytest.raises(Stop):
+        training.train_fold(tiny_config(), "combined", cells["train"], cells["val"], tmp_path / "m.pt",
+                            progress=False, on_epoch=stop)
+    with pytest.raises(ValueError, match="other settings"):
+        training.train_fold(tiny_config(lr=0.01), "combined", cells["train"], cells["val"], tmp_path / "m.pt",
+                            progress=False, resume=True)
