@@ -94,6 +94,9 @@ class TrainConfig(Section):
     workers: int = Field(0, ge=0)
     seed: int = 0
     deterministic: bool = True
+    # torch's intra-op CPU threads while training; 0 leaves torch's default (one per core).
+    # 1 is much faster on a CPU shared with other busy processes (no spinning thread barriers).
+    threads: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _pipelines(self) -> TrainConfig:
