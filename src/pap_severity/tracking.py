@@ -148,8 +148,15 @@ class Tracker:
         self.cfg = cfg
         self.data_source = data_source
         self.uri = tracking_uri(cfg)
+        # mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which
+        # tracking_uri() reads first: keep the fluent URI, restore the environment.
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
-        self.client = mlflow.MlflowClient(self.uri)
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+        self.client = mlflow.MlflowClient(self.uri, registry_uri=self.uri)
         self.experiment_id = self._experiment(cfg.mlflow.experiment)
         self.tags = {
             "data_source": data_source,
