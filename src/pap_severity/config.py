@@ -133,6 +133,14 @@ class TuneConfig(Section):
     # Empty: a journal file under the stage's outs. Else an Optuna storage URL
     # (postgresql://...) that many workers share.
     storage: str = ""
+    # Median pruner: trials that must finish before it judges one, and the number of first
+    # global epoch steps (fold index * tune.epochs + epoch - 1, from 0) it never judges.
+    pruner_startup_trials: int = Field(2, ge=0)
+    pruner_warmup_steps: int = Field(1, ge=0)
+    # RDB (PostgreSQL) storage: seconds between a running trial's heartbeats, and the silence
+    # after which another worker fails that trial and queues its parameters again.
+    heartbeat_interval: int = Field(30, ge=1)
+    grace_period: int = Field(120, ge=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> TuneConfig:
@@ -159,6 +167,10 @@ class ServeConfig(Section):
     batch_max_size: int = Field(32, ge=1)
     batch_max_latency_ms: int = Field(20, ge=1)
     torch_threads: int = Field(1, ge=1)
+    # Adaptive batching of /predict (needs batch_max_size >= 2); env PAP_SEVERITY_BATCHING=0|1 overrides.
+    batching: bool = True
+    # Where the served model runs: auto = CUDA when present, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class MlflowConfig(Section):
