@@ -30,6 +30,10 @@ def _config(params: Path) -> Config:
     return load_config(params)
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def clean_errors(fn):
     """Turn the errors a user can fix into one line on stderr and exit code 2, not a traceback."""
 
@@ -155,6 +159,123 @@ def data_validate(
         typer.echo(f"validation failed: {len(report.failures)} expectation(s) not met", err=True)
         raise typer.Exit(1)
     typer.echo("validation passed")
+
+
+PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="classification, regression, combined, corn or sord")]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
+
+
+BestParamsOpt = Annotated[
+    Optional[Path], typer.Option(help="tuned lr, weight decay, lambda (tuning/<pipeline>/best_params.json)")
+]
+
+
+@app.command("tune")
+@clean_errors
+def tune(
+    pipeline: PipelineOpt,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage shared by workers, e.g. postgresql://user@host/db [params: tune.storage]")] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="join this study instead of the one named after the settings")] = None,
+    n_trials: Annotated[Optional[int], typer.Option(help="finished trials the study aims at [params: tune.n_trials]")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="seconds this worker may run [params: tune.timeout]")] = None,
+    no_track: NoTrackOpt = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Tune lr, weight decay (and lambda) of one pipeline on the cv folds; one worker of its Optuna study."""
+    from pap_severity import stages
+    from pap_severity.pipelines import get_pipeline
+
+    get_pipeline(pipeline)
+    best = stages.tune(_config(params), pipeline, storage=storage, study_name=study_name, n_trials=n_trials,
+                       timeout=timeout, track=not no_track)
+    shown = ", ".join(f"{k}={v:.3g}" for k, v in best["params"].items())
+    typer.echo(f"{pipeline}: best mean validation {best['metric']} {best['value']:.3f} with {shown} "
+               f"-> {stages.TUNING / pipeline / 'best_params.json'}")
+
+
+@app.command("train")
+@clean_errors
+def train(
+    pipeline: PipelineOpt,
+    best_params: BestParamsOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last epoch checkpoint")] = False,
+    no_track: NoTrackOpt = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Cross-validate one pipeline: a model per fold, predictions on validation and test."""
+    from pap_severity import stages
+    from pap_severity.pipelines import get_pipeline
+
+    get_pipeline(pipeline)
+    predictions = stages.train(_config(params), pipeline, best_params=best_params, resume=resume,
+                               track=not no_track)
+    accuracy = (predictions["pred"] == predictions["severity"]).groupby(
+        [predictions["part"], predictions["fold"]]).mean().groupby("part").mean()
+    typer.echo(f"{pipeline}: mean accuracy over folds " + ", ".join(f"{p} {a:.3f}" for p, a in accuracy.items()))
+
+
+@app.command("evaluate")
+@clean_errors
+def evaluate(pipeline: PipelineOpt, no_track: NoTrackOpt = False, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Metrics (mean and std over folds) and figures of one pipeline."""
+    from pap_severity import stages
+
+    result = stages.evaluate(_config(params), pipeline, track=not no_track)
+    m = result["metrics"]
+    shown = ", ".join(f"{k} {_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" for k in ("accuracy", "mean_auc", "mse"))
+    typer.echo(f"{pipeline}, test part, {m['data_source']} data: {shown} -> {result['metrics_path']}")
+
+
+@app.command("compare")
+@clean_errors
+def compare(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Every pipeline side by side: reports/comparison.md and .json, and the AUC-per-fold figure."""
+    from pap_severity import stages
+
+    stages.compare(_config(params))
+    typer.echo((stages.COMPARISON.with_suffix(".md")).read_text())
+
+
+@app.command("train-final")
+@clean_errors
+def train_final(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Train one pipeline on every cv cell with its tuned settings; measure it on the test part."""
+    from pap_severity import stages
+    from pap_severity.pipelines import get_pipeline
+
+    get_pipeline(pipeline)
+    m = stages.train_final(_config(params), pipeline, best_params=best_params)
+    typer.echo(f"{pipeline} final model, test part ({m['n_test_cells']} cells, {m['data_source']} data): "
+               f"accuracy {_fmt(m['accuracy'])}, mean AUC {_fmt(m['mean_auc'])}, score MSE {_fmt(m['mse'])}")
+
+
+@app.command("explain")
+@clean_errors
+def explain(pipeline: PipelineOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Integrated Gradients report of a final model on the test part, with At_N / At_C per class."""
+    from pap_severity import stages
+    from pap_severity.pipelines import get_pipeline
+
+    get_pipeline(pipeline)
+    stages.explain(_config(params), pipeline)
+    typer.echo(f"report: {stages.EXPLAIN / pipeline / 'report.html'}")
+
+
+@app.command("register")
+@clean_errors
+def register(
+    pipeline: Annotated[Optional[list[str]], typer.Option("--pipeline", "-p", help="only these pipelines [default: train.pipelines]")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Register the final models in the MLflow Model Registry; the promotion rule moves @champion."""
+    from pap_severity import stages
+
+    cfg = _config(params)
+    for r in stages.register(cfg, tuple(pipeline) if pipeline else None):
+        state = f"@{cfg.registry.alias}" if r.promoted else f"not {cfg.registry.alias}"
+        typer.echo(f"{r.name} v{r.version}: {state} ({r.reason})" + ("" if r.created else " [already registered]"))
+        if r.missing_artifacts:
+            typer.echo(f"  missing artifacts: {', '.join(map(str, r.missing_artifacts))}")
 
 
 def main() -> None:  # pragma: no cover - the console script entry

@@ -289,7 +289,7 @@ def _to_json(value):
     return str(value)
 
 
-def _write_json(content: dict, path: Path) -> None:
+def write_json(content: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
 
@@ -406,7 +406,7 @@ def evaluate(
     predictions = pd.read_csv(predictions_csv)
     metrics = evaluate_predictions(predictions, pipeline, data_source, settings)
     metrics_path = Path(metrics_dir) / f"{pipeline}.json"
-    _write_json(metrics, metrics_path)
+    write_json(metrics, metrics_path)
     out = Path(figures_dir) / pipeline
     out.mkdir(parents=True, exist_ok=True)
     rows = _pipeline_rows(predictions, pipeline)
@@ -502,7 +502,7 @@ def compare(metrics_files: dict[str, Path] | list[Path], out_md: Path, out_json:
             "paper": PAPER_FIGURES,
         }
     )
-    _write_json(comparison, Path(out_json))
+    write_json(comparison, Path(out_json))
     out_md = Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(comparison_markdown(metrics))
