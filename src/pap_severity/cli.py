@@ -163,8 +163,6 @@ def data_validate(
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="classification, regression, combined, corn or sord")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
-
-
 BestParamsOpt = Annotated[
     Optional[Path], typer.Option(help="tuned lr, weight decay, lambda (tuning/<pipeline>/best_params.json)")
 ]
@@ -216,11 +214,12 @@ def train(
 
 @app.command("evaluate")
 @clean_errors
-def evaluate(pipeline: PipelineOpt, no_track: NoTrackOpt = False, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+def evaluate(pipeline: PipelineOpt, best_params: BestParamsOpt = None, no_track: NoTrackOpt = False,
+             params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Metrics (mean and std over folds) and figures of one pipeline."""
     from pap_severity import stages
 
-    result = stages.evaluate(_config(params), pipeline, track=not no_track)
+    result = stages.evaluate(_config(params), pipeline, best_params=best_params, track=not no_track)
     m = result["metrics"]
     shown = ", ".join(f"{k} {_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" for k in ("accuracy", "mean_auc", "mse"))
     typer.echo(f"{pipeline}, test part, {m['data_source']} data: {shown} -> {result['metrics_path']}")

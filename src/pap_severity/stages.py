@@ -91,12 +91,17 @@ def train(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path
 
 
 def evaluate(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, models: Path = MODELS,
-             metrics: Path = METRICS, figures: Path = FIGURES, track: bool = True) -> dict:
-    """metrics/<pipeline>.json and the figures from the predictions of the train stage, logged to its MLflow run."""
+             best_params: Path | None = None, metrics: Path = METRICS, figures: Path = FIGURES,
+             track: bool = True) -> dict:
+    """metrics/<pipeline>.json and the figures from the predictions of the train stage, logged to its MLflow run.
+
+    best_params: the tuned settings the train stage used, so the metrics file states them.
+    """
     from pap_severity import evaluation
     from pap_severity.tracking import RUNS_FILE, Tracker, read_runs
     from pap_severity.training import PREDICTIONS_FILE, pipeline_dir
 
+    cfg = tuned(cfg, best_params)
     _, _, source = _data(manifest)
     predictions = pipeline_dir(models, pipeline) / PREDICTIONS_FILE
     if not predictions.is_file():
@@ -181,8 +186,8 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
         metrics_file = metrics / f"{pipeline}.json"
         if not metrics_file.is_file():
             raise FileNotFoundError(f"{metrics_file}: no final metrics; run `pap-severity train-final -p {pipeline}`")
-        # The IG report is always asked for, so that a missing one is named on the run.
-        report = [explain / pipeline / name for name in EXPLAIN_FILES]
+        # The IG report of an explained pipeline is always asked for, so a missing one is named on the run.
+        report = [explain / pipeline / name for name in EXPLAIN_FILES] if pipeline in cfg.explain.pipelines else []
         extra = [p for p in (figures / pipeline, METRICS / f"{pipeline}.json", metrics_file) if p.exists()]
         results.append(register_model(cfg, final / f"{pipeline}.pt", json.loads(metrics_file.read_text()),
                                       artifacts=report + extra, data_source=source, pipeline=pipeline,
