@@ -1,0 +1,793 @@
+"""What the BentoML service (bento/service.py) shares with the package: the model import, the
+request guard, image decoding under limits, and the response models.
+
+The model the server runs
+-------------------------
+`import_champion(cfg)` (CLI: `pap-severity bento import`) copies the registered version that
+holds `registry.alias` (`models:/pap-severity@champion`) from the MLflow registry into the
+local BentoML model store with `bentoml.mlflow.import_model`, as the BentoML model
+`pap-severity:v<version>-<content hash>`, with the registered name, version, run id, pipeline,
+architecture and preprocessing in its labels and metadata. The service declares
+`bentoml.models.BentoModel("pap-severity:latest")`, so `bentoml build` records that exact tag in
+the bento and `bentoml containerize` / `export` / `push` copy the model from the store into the
+image or archive: a built bento serves without any MLflow store, offline. Re-importing a
+version makes it `latest` again (so `latest` is always the last champion imported).
+`PAP_SEVERITY_BENTO_MODEL=<tag>` pins another one.
+
+`load_served_model` opens it: the MLflow pt2 archive (torch.export) gives the weights; they go
+into the package's own `SeverityNet` (models.build_model), an ordinary nn.Module, because
+Integrated Gradients needs `.eval()` and gradients, which an exported module refuses, and a
+pt2 module cannot move to a GPU. Before serving, the two must give the same outputs on a
+white cell and seeded noise (max |difference| <= OUTPUT_TOLERANCE), else the server refuses to
+start. Preprocessing is `transforms.eval_transform(Preprocess)` from the model's metadata:
+the code training used, not a copy.
+
+Requests (hardening)
+--------------------
+`UploadGuard`, an ASGI middleware in front of /predict and /explain, answers every malformed
+request with a 4xx JSON `{"error": ..., "status": ..., "field": ...}` before BentoML parses it:
+a wrong Content-Type (415), an empty body (400), a body over the limit (413: checked on
+Content-Length first, then while reading, so an oversize upload is never read whole), a
+malformed multipart body (400), a missing, repeated, unknown, text (not file) or empty field
+(400). BentoML would otherwise fetch a text field that holds a URL: the guard refuses it.
+`decode_image` then refuses a file over `serve.max_upload_bytes` (413), an image of more than
+`serve.max_pixels` pixels, read from its header before any pixel is decoded (413,
+decompression bombs; Pillow's own MAX_IMAGE_PIXELS is set to the same limit), and anything
+Pillow cannot decode fully: not an image, truncated, corrupt (400). Grayscale, RGBA,
+palette and 16-bit images are converted (transforms.to_rgb), not refused.
+
+Settings
+--------
+`serve_settings()`: the params file named by PAP_SEVERITY_PARAMS, else `params.yaml` in the
+working directory or its parent (the project root when serving from bento/), else the
+defaults; PAP_SEVERITY_BATCHING=0|1 overrides `serve.batching`.
+
+`serve.batch_max_latency_ms` is BentoML's `max_latency_ms`, which BentoML 1.4 enforces as a
+deadline, not a batching window: a queued request whose wait plus estimated compute would
+pass it is cancelled and answered 503 (the service says so in its JSON). Set it to the
+latency you would rather refuse than exceed (seconds on a CPU), not to a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from pap_severity.config import Config, ServeConfig, load_config
+from pap_severity.data.labels import SEVERITY_NAMES
+from pap_severity.data.masks import decode_mask
+
+PARAMS_ENV = "PAP_SEVERITY_PARAMS"
+BATCHING_ENV = "PAP_SEVERITY_BATCHING"
+BENTO_MODEL_ENV = "PAP_SEVERITY_BENTO_MODEL"
+MLFLOW_FOLDER = "mlflow_model"  # where bentoml.mlflow.import_model puts the MLflow model
+OUTPUT_TOLERANCE = 1e-4
+# Multipart framing allowed on top of the files themselves.
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+def _flag(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{BATCHING_ENV}={value!r}: use 1 or 0")
+
+
+def serve_settings(params: str | Path | None = None) -> Config:
+    """The config the server runs with (see the module docstring for where it comes from)."""
+    path = params or os.environ.get(PARAMS_ENV)
+    if path:
+        cfg = load_config(path)
+    else:
+        found = [p for p in (Path.cwd() / "params.yaml", Path.cwd().parent / "params.yaml") if p.is_file()]
+        cfg = load_config(found[0]) if found else Config()
+    if os.environ.get(BATCHING_ENV):
+        serve = cfg.serve.model_copy(update={"batching": _flag(os.environ[BATCHING_ENV])})
+        cfg = cfg.model_copy(update={"serve": serve})
+    return cfg
+
+
+def batching_enabled(serve: ServeConfig) -> bool:
+    """Adaptive batching is on when asked for and a batch can hold more than one image."""
+    return serve.batching and serve.batch_max_size >= 2
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """An error the client is told about: an HTTP status (4xx; 503 when overloaded) and a message."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx answer of /predict and /explain."""
+
+    error: str = Field(description="What is wrong with the request, in words.")
+    status: int = Field(description="The HTTP status code, repeated.")
+    field: str | None = Field(None, description="The multipart field at fault, when there is one.")
+
+
+def error_body(exc: RequestError) -> dict:
+    return ErrorResponse(error=exc.message, status=exc.status, field=exc.field).model_dump()
+
+
+def error_response(exc: RequestError):
+    from starlette.responses import JSONResponse
+
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(error_body(exc), status_code=exc.status, headers=headers)
+
+
+# --------------------------------------------------------------------------------------
+# Decoding uploads under limits
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_upload_bytes: int
+    max_pixels: int
+
+    @classmethod
+    def from_config(cls, serve: ServeConfig) -> UploadLimits:
+        return cls(serve.max_upload_bytes, serve.max_pixels)
+
+
+def set_pillow_limit(limits: UploadLimits) -> None:
+    """Pillow's decompression-bomb guard at the server's pixel limit (it raises above twice that)."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+
+
+def _read_upload(source: bytes | str | Path, limits: UploadLimits, field: str) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        size = path.stat().st_size
+        if size > limits.max_upload_bytes:
+            raise RequestError(413, f"{field}: the file has {size} bytes, more than the limit of "
+                                    f"{limits.max_upload_bytes} bytes", field)
+        data = path.read_bytes()
+    if not data:
+        raise RequestError(400, f"{field}: the file is empty (0 bytes)", field)
+    if len(data) > limits.max_upload_bytes:
+        raise RequestError(413, f"{field}: the file has {len(data)} bytes, more than the limit of "
+                                f"{limits.max_upload_bytes} bytes", field)
+    return data
+
+
+def decode_image(source: bytes | str | Path, limits: UploadLimits, field: str = "image") -> Image.Image:
+    """A fully decoded image (first frame) from an upload, or a RequestError saying why not.
+
+    The pixel count is read from the header and checked before any pixel is decoded.
+    """
+    data = _read_upload(source, limits, field)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width < 1 or height < 1:
+                raise RequestError(400, f"{field}: the image has no pixels ({width}x{height})", field)
+            if width * height > limits.max_pixels:
+                raise RequestError(413, f"{field}: the image is {width}x{height} = {width * height} pixels, "
+                                        f"more than the limit of {limits.max_pixels}", field)
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+            return im
+    except RequestError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(413, f"{field}: the image has more pixels than the limit of {limits.max_pixels} "
+                                f"(decompression bomb guard: {exc})", field) from None
+    except UnidentifiedImageError:
+        raise RequestError(400, f"{field}: not an image Pillow can read ({len(data)} bytes that are no "
+                                "known image format)", field) from None
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            raise RequestError(400, f"{field}: the image is truncated ({exc})", field) from None
+        raise RequestError(400, f"{field}: the image cannot be decoded ({exc})", field) from None
+    except Exception as exc:  # Pillow raises many types on corrupt data (SyntaxError, ValueError, ...)
+        raise RequestError(400, f"{field}: the image is corrupt ({type(exc).__name__}: {exc})", field) from None
+
+
+def decode_mask_upload(source: bytes | str | Path, limits: UploadLimits, size: tuple[int, int],
+                       field: str = "mask") -> np.ndarray:
+    """Region codes (data.masks) of an uploaded Herlev `-d.bmp` mask of the image's size (W, H)."""
+    im = decode_image(source, limits, field)
+    if im.size != size:
+        raise RequestError(400, f"{field}: the mask is {im.size[0]}x{im.size[1]} but the image is "
+                                f"{size[0]}x{size[1]}; send the image's own -d.bmp mask", field)
+    return decode_mask(np.asarray(im.convert("RGB")))
+
+
+# --------------------------------------------------------------------------------------
+# The request guard (ASGI middleware)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """The multipart fields a route takes: required and optional file fields."""
+
+    required: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.required + self.optional
+
+
+ROUTES = {"/predict": RouteSpec(("image",)), "/explain": RouteSpec(("image",), ("mask",))}
+
+
+class UploadGuard:
+    """Checks POSTs to the routes of `routes` before BentoML sees them (see the module docstring).
+
+    The body (at most len(fields) * max_upload_bytes + MULTIPART_OVERHEAD bytes) is read and
+    parsed here, then replayed to the app unchanged.
+    """
+
+    def __init__(self, app, *, max_upload_bytes: int, routes: dict[str, RouteSpec] | None = None,
+                 prefix: str = "") -> None:
+        self.app = app
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.routes = {prefix.rstrip("/") + path: spec for path, spec in (routes or ROUTES).items()}
+
+    def limit(self, spec: RouteSpec) -> int:
+        return len(spec.fields) * self.max_upload_bytes + MULTIPART_OVERHEAD
+
+    async def __call__(self, scope, receive, send) -> None:
+        spec = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if spec is None or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._check(scope, receive, spec)
+        except RequestError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        if body is None:  # the client went away
+            return
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _check(self, scope, receive, spec: RouteSpec) -> bytes | None:
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        ctype = headers.get("content-type", "")
+        media = ctype.split(";")[0].strip().lower()
+        expected = f"multipart/form-data with the file field{'s' if len(spec.fields) > 1 else ''} " + \
+            " and ".join(f"'{f}'" + ("" if f in spec.required else " (optional)") for f in spec.fields)
+        if media != "multipart/form-data":
+            raise RequestError(415, f"wrong Content-Type {ctype or '(none)'!r}: send {expected}")
+        if not re.search(r"boundary=", ctype, re.IGNORECASE):
+            raise RequestError(400, "multipart/form-data without a boundary parameter in its Content-Type")
+        limit = self.limit(spec)
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                raise RequestError(400, f"invalid Content-Length {declared!r}") from None
+            if n > limit:
+                raise RequestError(413, f"the request body has {n} bytes, more than the limit of {limit} "
+                                        f"bytes ({self.max_upload_bytes} bytes a file)")
+            if n == 0:
+                raise RequestError(400, f"empty request body: send {expected}")
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                raise RequestError(413, f"the request body is more than the limit of {limit} bytes "
+                                        f"({self.max_upload_bytes} bytes a file)")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if not body:
+            raise RequestError(400, f"empty request body: send {expected}")
+        await self._check_form(scope, body, spec, expected)
+        return body
+
+    async def _check_form(self, scope, body: bytes, spec: RouteSpec, expected: str) -> None:
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException
+        from starlette.requests import Request
+
+        sent = False
+
+        async def once():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request(scope, once)
+        try:
+            form = await request.form(max_files=len(spec.fields) + 2, max_fields=len(spec.fields) + 8)
+        except MultiPartException as exc:
+            raise RequestError(400, f"malformed multipart body: {exc}") from None
+        except Exception as exc:  # the parser's own errors on garbage (HTTPException 400 in starlette 1.x)
+            detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+            raise RequestError(400, f"malformed multipart body: {detail}") from None
+        try:
+            names = list(dict.fromkeys(form.keys()))
+            unknown = [n for n in names if n not in spec.fields]
+            if unknown:
+                raise RequestError(400, f"unknown field(s) {unknown}: send {expected}", unknown[0])
+            for name in spec.fields:
+                values = form.getlist(name)
+                if not values:
+                    if name in spec.required:
+                        raise RequestError(400, f"missing field {name!r}: send {expected}", name)
+                    continue
+                if len(values) > 1:
+                    raise RequestError(400, f"field {name!r} given {len(values)} times; send one file", name)
+                value = values[0]
+                if not isinstance(value, UploadFile):
+                    raise RequestError(400, f"field {name!r} must be a file upload (multipart part with a "
+                                            "filename), not a text value", name)
+                size = value.size if value.size is not None else len(await value.read())
+                if size == 0:
+                    raise RequestError(400, f"{name}: the file is empty (0 bytes)", name)
+                if size > self.max_upload_bytes:
+                    raise RequestError(413, f"{name}: the file has {size} bytes, more than the limit of "
+                                            f"{self.max_upload_bytes} bytes", name)
+        finally:
+            await form.close()
+
+
+# --------------------------------------------------------------------------------------
+# Response models
+# --------------------------------------------------------------------------------------
+
+
+class ModelRef(BaseModel):
+    """Which registered model answered."""
+
+    name: str = Field(description="Registered model name in the MLflow Model Registry, e.g. pap-severity.")
+    version: str = Field(description="Registered model version (the one holding the champion alias when imported).")
+    uri: str = Field(description="The MLflow model URI of that version, models:/<name>/<version>.")
+    pipeline: str = Field(description="Training pipeline of the model (classification, regression, combined, "
+                                      "corn or sord).")
+    bento_model: str = Field(description="Tag of the model in the BentoML model store / bento.")
+
+
+class PredictResponse(BaseModel):
+    """The severity of one cell."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    severity: str = Field(description=f"Predicted severity class, one of {', '.join(SEVERITY_NAMES)}.")
+    severity_index: int = Field(ge=0, le=len(SEVERITY_NAMES) - 1,
+                                description="Index of the severity class: 0 normal .. 4 carcinoma in situ.")
+    probabilities: dict[str, float] = Field(
+        description="Probability of each severity class, by class name (they sum to 1). For the regression "
+                    "pipeline these are a Gaussian kernel around the score, not calibrated probabilities.")
+    severity_score: float = Field(description="Continuous severity score on the 1..5 scale (the model's last "
+                                              "output: the expected score for classifiers, the regressed score "
+                                              "for regression).")
+    abnormal_probability: float = Field(ge=0.0, le=1.0,
+                                        description="1 - p(normal): probability that the cell is abnormal "
+                                                    "(any dysplasia or carcinoma in situ).")
+    model: ModelRef = Field(description="The registered model (name and version) that made the prediction.")
+
+
+class AttributionFractions(BaseModel):
+    """At_N / At_C of the paper on the signed map Am, and the same on |Am| (abs_*); null when undefined."""
+
+    nucleus_share: float | None = Field(description="Nucleus pixels / all pixels of the (squared, resized) mask.")
+    cytoplasm_share: float | None = Field(description="Cytoplasm pixels / all pixels.")
+    at_n: float | None = Field(description="At_N = sum(Am over nucleus) / sum(Am).")
+    at_c: float | None = Field(description="At_C = sum(Am over cytoplasm) / sum(Am).")
+    at_ratio: float | None = Field(description="At_N / At_C = sum(Am over nucleus) / sum(Am over cytoplasm).")
+    at_n_norm: float | None = Field(description="Area-normalised At_N = At_N / nucleus_share (1: as much as "
+                                                "its size).")
+    at_c_norm: float | None = Field(description="Area-normalised At_C = At_C / cytoplasm_share.")
+    abs_at_n: float | None = Field(description="At_N on |Am|.")
+    abs_at_c: float | None = Field(description="At_C on |Am|.")
+    abs_at_ratio: float | None = Field(description="At_N / At_C on |Am|.")
+    abs_at_n_norm: float | None = Field(description="Area-normalised At_N on |Am|.")
+    abs_at_c_norm: float | None = Field(description="Area-normalised At_C on |Am|.")
+    net_fraction: float | None = Field(description="|sum Am| / sum |Am|: 1 = no cancellation; small = signed "
+                                                   "fractions unstable.")
+
+
+class ExplainResponse(BaseModel):
+    """Integrated Gradients of one cell, with the model's prediction."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    heatmap_png: str = Field(description="Base64 PNG: the attribution map |Am| (IG summed over channels) over the "
+                                         "cell as the model sees it (padded square, resized, enlarged).")
+    severity: str = Field(description="Predicted severity class.")
+    severity_index: int = Field(description="Index of the severity class, 0..4.")
+    severity_score: float = Field(description="Severity score 1..5.")
+    abnormal_probability: float = Field(description="1 - p(normal).")
+    probabilities: dict[str, float] = Field(description="Probability of each severity class, by class name.")
+    target: str = Field(description="What IG attributes (explain.target): the score or the predicted class.")
+    baseline: str = Field(description="IG baseline (explain.baseline), e.g. white.")
+    n_steps: int = Field(description="IG integration steps (explain.n_steps).")
+    convergence_delta: float = Field(description="sum(attributions) - (F(x) - F(baseline)).")
+    relative_delta: float = Field(description="|delta| / max(|F(x) - F(baseline)|, 1e-3); large: raise n_steps.")
+    image_size: int = Field(description="Side in pixels of the model's input, where the map lives.")
+    fractions: AttributionFractions | None = Field(
+        None, description="At_N / At_C and their area-normalised versions; present only when a mask is sent.")
+    model: ModelRef = Field(description="The registered model (name and version) that was explained.")
+
+
+def _finite(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def prediction_fields(probs: np.ndarray, label: int, score: float) -> dict:
+    """The severity fields of a response from one row of a decoded Prediction."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return {
+        "severity": SEVERITY_NAMES[int(label)],
+        "severity_index": int(label),
+        "probabilities": {name: float(p) for name, p in zip(SEVERITY_NAMES, probs)},
+        "severity_score": float(score),
+        "abnormal_probability": float(min(1.0, max(0.0, 1.0 - probs[0]))),
+    }
+
+
+def predict_responses(pipeline_name: str, outputs, model: ModelRef) -> list[PredictResponse]:
+    """One PredictResponse per row of the model's outputs [N, K+1] (decoded by the pipeline)."""
+    import torch
+
+    from pap_severity.pipelines import get_pipeline
+
+    pred = get_pipeline(pipeline_name).decode(torch.from_numpy(np.array(outputs, dtype=np.float32)))  # a copy:
+    # arrays that come back pickled from the model service are read-only
+    return [
+        PredictResponse(**prediction_fields(pred.probs[i].numpy(), int(pred.label[i]), float(pred.score[i])),
+                        model=model)
+        for i in range(len(pred.label))
+    ]
+
+
+def fractions_model(values: dict[str, float]) -> AttributionFractions:
+    return AttributionFractions(**{k: _finite(values[k]) for k in AttributionFractions.model_fields})
+
+
+def png_base64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------
+# The model: import into the BentoML store, load for serving
+# --------------------------------------------------------------------------------------
+
+
+def _redact(uri: str) -> str:
+    """A store URI without credentials (user:password@)."""
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
+def bento_model_tag() -> str:
+    """The BentoML model the service serves: PAP_SEVERITY_BENTO_MODEL, else pap-severity:latest."""
+    return os.environ.get(BENTO_MODEL_ENV) or f"{Config().registry.model_name}:latest"
+
+
+def import_champion(cfg: Config, name: str | None = None, *, alias: str | None = None,
+                    version: str | None = None):
+    """Copy `models:/<name>@<alias>` (or a version) from the MLflow registry into the BentoML
+    model store (BENTOML_HOME) with bentoml.mlflow.import_model; returns the bentoml.Tag.
+
+    The tag is `<name>:v<version>-<content hash[:12]>`. A tag already in the store is replaced,
+    so that it becomes `<name>:latest`, the model the service serves by default.
+    """
+    import bentoml
+    import mlflow
+    from bentoml.exceptions import NotFound
+    from mlflow.exceptions import MlflowException
+
+    from pap_severity.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = name or cfg.registry.model_name
+    try:
+        if version is not None:
+            mv = client.get_model_version(name, str(version))
+            how = f"version {mv.version}"
+        else:
+            alias = alias or cfg.registry.alias
+            mv = client.get_model_version_by_alias(name, alias)
+            how = f"@{alias} (version {mv.version})"
+    except MlflowException as exc:
+        wanted = f"version {version}" if version is not None else f"@{alias}"
+        raise LookupError(f"no {name} {wanted} in the MLflow registry at {_redact(uri)}: {exc.message}; "
+                          "run `pap-severity register` first") from None
+    digest = mv.tags.get("content_hash", "")
+    tag = bentoml.Tag(name, f"v{mv.version}-{digest[:12]}" if digest else f"v{mv.version}")
+    try:
+        bentoml.models.get(tag)
+    except NotFound:
+        pass
+    else:
+        bentoml.models.delete(tag)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The version's artifact location, resolved by our client: a models:/ URI would be resolved
+        # by MLflow with the process-wide registry URI, ignoring registry_uri= (MLflow 3.17).
+        source = client.get_model_version_download_uri(name, str(mv.version))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
+        info = mlflow.models.Model.load(local)
+        meta = dict(info.metadata or {})
+        if "preprocess" not in meta or "pipeline" not in meta or "arch" not in meta:
+            raise ValueError(f"models:/{name}/{mv.version} has no pipeline/arch/preprocess metadata; "
+                             "register it with pap_severity.registry.register")
+        labels = {
+            "registered_model": name,
+            "registered_version": str(mv.version),
+            "pipeline": str(meta["pipeline"]),
+            "arch": str(meta["arch"]),
+            "data_source": str(mv.tags.get("data_source", "unknown")),
+            "content_hash": digest[:12] or "unknown",
+        }
+        metadata = {
+            "registered_model": name,
+            "registered_version": str(mv.version),
+            "model_uri": f"models:/{name}/{mv.version}",
+            "imported_as": how,
+            "run_id": mv.run_id or "",
+            "tracking_uri": _redact(uri),
+            "pipeline": str(meta["pipeline"]),
+            "arch": str(meta["arch"]),
+            "preprocess": json.dumps(meta["preprocess"]),
+            "score_column": int(meta.get("score_column", -1)),
+            "content_hash": digest,
+            "data_source": str(mv.tags.get("data_source", "unknown")),
+        }
+        saved = bentoml.mlflow.import_model(tag, local, labels=labels, metadata=metadata)
+    return saved.tag
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_wheel(dest: str | Path | None = None, project: str | Path | None = None) -> Path:
+    """Build the package's wheel offline (pip wheel --no-deps --no-build-isolation --no-index)
+    into `dest` (default <project>/bento/wheels), replacing older ones; the bento ships it."""
+    import shutil
+    import subprocess
+    import sys
+
+    project = Path(project) if project else PROJECT_ROOT
+    if not (project / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{project}: no pyproject.toml; pass the project root")
+    dest = Path(dest) if dest else project / "bento" / "wheels"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Built from a clean copy: no stale build/ or egg-info of the working tree gets in, none is left there.
+        source = Path(tmp) / "project"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (project / name).is_file():
+                shutil.copy2(project / name, source / name)
+        shutil.copytree(project / "src", source / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+        wheels = Path(tmp) / "wheels"
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                               "--no-index", "--quiet", "--wheel-dir", str(wheels), str(source)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"pip wheel failed:\n{done.stdout}\n{done.stderr}")
+        built = sorted(wheels.glob("pap_severity-*.whl"))
+        if len(built) != 1:
+            raise RuntimeError(f"expected one pap_severity wheel, pip wheel made {[p.name for p in built]}")
+        for old in dest.glob("pap_severity-*.whl"):
+            old.unlink()
+        return Path(shutil.copy2(built[0], dest / built[0].name))
+
+
+def build_bento(project: str | Path | None = None):
+    """`bentoml build` of <project>/bento/bentofile.yaml (after building the wheel); returns the bento tag.
+    Needs the model in the BentoML store (import_champion) and no network."""
+    import bentoml
+
+    project = Path(project) if project else PROJECT_ROOT
+    build_wheel(project=project)
+    ctx = project / "bento"
+    bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
+    return bento.tag
+
+
+@dataclass
+class ModelInfo:
+    """What the server says and needs about its model, read from the BentoML model's metadata."""
+
+    name: str
+    version: str
+    uri: str
+    pipeline: str
+    arch: str
+    preprocess: Any  # transforms.Preprocess
+    bento_model: str
+    extra: dict = field(default_factory=dict)
+
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.name, version=self.version, uri=self.uri, pipeline=self.pipeline,
+                        bento_model=self.bento_model)
+
+
+def model_info(bento_model) -> ModelInfo:
+    """ModelInfo of a bentoml.Model imported by import_champion."""
+    from pap_severity.transforms import Preprocess
+
+    meta = dict(bento_model.info.metadata)
+    missing = {"registered_model", "registered_version", "pipeline", "arch", "preprocess"} - set(meta)
+    if missing:
+        raise ValueError(f"BentoML model {bento_model.tag} lacks {sorted(missing)} in its metadata; "
+                         "import it with `pap-severity bento import` (serving.import_champion)")
+    return ModelInfo(
+        name=str(meta["registered_model"]),
+        version=str(meta["registered_version"]),
+        uri=str(meta.get("model_uri", "")),
+        pipeline=str(meta["pipeline"]),
+        arch=str(meta["arch"]),
+        preprocess=Preprocess.from_json(meta["preprocess"]),
+        bento_model=str(bento_model.tag),
+        extra=meta,
+    )
+
+
+@dataclass
+class ServedModel:
+    """The model as the server runs it: an eager nn.Module on its device, and its bundle for IG."""
+
+    bundle: Any  # checkpoints.ModelBundle
+    info: ModelInfo
+    device: Any  # torch.device
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """[N, 3, S, S] float32 -> [N, K+1] float32 (no gradients)."""
+        import torch
+
+        with torch.inference_mode():
+            return self.bundle.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+                                     .to(self.device)).float().cpu().numpy()
+
+
+def _reference_inputs(pre) -> "Any":
+    import torch
+
+    from pap_severity.transforms import white_input
+
+    white = white_input(pre)[None]
+    noise = torch.randn(2, *white.shape[1:], generator=torch.Generator().manual_seed(0))
+    return torch.cat([white, noise])
+
+
+def load_served_model(bento_model, device: str = "auto") -> ServedModel:
+    """The imported model as an eager SeverityNet on `device` (auto: CUDA when present), checked
+    against the exported MLflow model it came from."""
+    import mlflow
+
+    info = model_info(bento_model)
+    path = bento_model.path_of(MLFLOW_FOLDER)
+    exported = mlflow.pytorch.load_model(path)
+    logged = dict(mlflow.models.Model.load(path).metadata or {})
+    if logged.get("pipeline") != info.pipeline or logged.get("arch") != info.arch:
+        raise ValueError(f"{bento_model.tag}: the MLflow model says {logged.get('pipeline')}/{logged.get('arch')}, "
+                         f"the BentoML metadata {info.pipeline}/{info.arch}")
+    return served_from_module(exported, info, device)
+
+
+def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedModel:
+    """A SeverityNet of info's arch and pipeline with the weights of `source` (the exported module,
+    or any module with the same state dict), checked to give source's outputs, on `device`."""
+    import torch
+
+    from pap_severity.checkpoints import ModelBundle
+    from pap_severity.models import build_model
+    from pap_severity.pipelines import get_pipeline
+    from pap_severity.training import resolve_device
+
+    pipeline = get_pipeline(info.pipeline)
+    model = build_model(info.arch, "none", pipeline.head)
+    state = {k: v.detach().to("cpu") for k, v in source.state_dict().items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{info.bento_model}: weights do not fit {info.arch}/{info.pipeline}: "
+                         f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    model.eval()
+    x = _reference_inputs(info.preprocess)
+    with torch.no_grad():
+        want = source(x).float()
+        got = model(x).float()
+    diff = float((want - got).abs().max())
+    if not diff <= OUTPUT_TOLERANCE:
+        raise RuntimeError(f"{info.bento_model}: the rebuilt model differs from the exported one by {diff:g}")
+    dev = resolve_device(device)
+    if dev.type == "mps":
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        # Full float32 convolutions and matmuls: TF32 (cuDNN's default for convolutions) moves the
+        # outputs ~1e-3 away from the registered model's CPU outputs; at this size it costs nothing.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    model.to(dev)
+    bundle = ModelBundle(model=model, pipeline=pipeline, arch=info.arch, preprocess=info.preprocess,
+                         meta={"bento_model": info.bento_model})
+    return ServedModel(bundle=bundle, info=info, device=dev)
+
+
+__all__ = [
+    "AttributionFractions",
+    "ErrorResponse",
+    "ExplainResponse",
+    "ModelInfo",
+    "ModelRef",
+    "PredictResponse",
+    "RequestError",
+    "ROUTES",
+    "RouteSpec",
+    "ServedModel",
+    "UploadGuard",
+    "UploadLimits",
+    "batching_enabled",
+    "bento_model_tag",
+    "build_bento",
+    "build_wheel",
+    "decode_image",
+    "decode_mask_upload",
+    "error_body",
+    "error_response",
+    "fractions_model",
+    "import_champion",
+    "load_served_model",
+    "model_info",
+    "predict_responses",
+    "prediction_fields",
+    "serve_settings",
+    "served_from_module",
+    "set_pillow_limit",
+]

@@ -1,0 +1,500 @@
+"""The BentoML service for real: a tiny model is trained, registered as pap-severity@champion in a
+temporary MLflow store, imported into a temporary BentoML store, and served by a real
+`bentoml serve` subprocess (from bento/, found through bentofile.yaml) on a free loopback port.
+Everything is called over HTTP with httpx. No mocks.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pap_severity import explain as ig
+from pap_severity.config import SplitConfig
+from pap_severity.data.labels import SEVERITY_NAMES
+from pap_severity.data.manifest import build_manifest
+from pap_severity.data.masks import read_mask
+from pap_severity.data.splits import make_splits
+from pap_severity.data.synth import make_synthetic
+from pap_severity.pipelines import get_pipeline
+from pap_severity.serving import RequestError, UploadLimits, decode_image, decode_mask_upload
+from pap_severity.transforms import eval_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTO_DIR = ROOT / "bento"
+BENTOML = Path(sys.executable).parent / "bentoml"
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 200_000
+TOL = 1e-5
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def server_params(root: Path, tracking_uri: str) -> Path:
+    params = {
+        "model": {"image_size": 32},
+        "train": {"batch_size": 16, "device": "cpu", "channels_last": False, "amp": False, "epochs": 1,
+                  "threads": 1},
+        "serve": {"host": "127.0.0.1", "max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS,
+                  "batch_max_size": 8, "batch_max_latency_ms": 10_000, "torch_threads": 1, "batching": True},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "serving-test"},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    params = server_params(root, tracking)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "BENTOML_HOME": str(root / "bentoml"),
+           "PAP_SEVERITY_PARAMS": str(params), "BENTOML_DO_NOT_TRACK": "true",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env.pop("PAP_SEVERITY_BATCHING", None)
+    env.pop("PAP_SEVERITY_BENTO_MODEL", None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tracking)
+        mp.chdir(root)
+        from pap_severity.config import load_config
+        from pap_severity.registry import load_model, register
+        from pap_severity.training import train_final
+
+        cfg = load_config(params)
+        make_synthetic(root / "synth", per_class=4, size=32, seed=0, progress=False)
+        manifest = build_manifest(root / "synth", progress=False)
+        splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.25, seed=0))
+        bundle = train_final(cfg, "combined", manifest, splits, root / "combined.pt", progress=False)
+        reg = register(cfg, bundle, {"accuracy": 0.5}, data_source="synthetic")
+        loaded = load_model(cfg)
+
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys; from pap_severity.config import load_config; "
+         "from pap_severity.serving import import_champion; print(import_champion(load_config(sys.argv[1])))",
+         str(params)], env=env, capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    tag = imported.stdout.strip().splitlines()[-1]
+
+    port = free_port()
+    log_path = root / "serve.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([str(BENTOML), "serve", "--port", str(port)], cwd=BENTO_DIR, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited ({proc.returncode}):\n{log_path.read_text()[-5000:]}")
+            try:
+                if client.get("/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bentoml serve not ready in time:\n{log_path.read_text()[-5000:]}")
+            time.sleep(1)
+        cells = manifest.sort_values("path").groupby("severity").head(1).reset_index(drop=True)
+        yield {"url": url, "client": client, "cfg": cfg, "bundle": bundle, "loaded": loaded, "reg": reg,
+               "tag": tag, "cells": cells, "log": log_path, "root": root, "proc": proc}
+    finally:
+        client.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
+def in_process(served, image: Image.Image):
+    """The registered model, loaded in this process, on the training preprocessing of `image`."""
+    loaded = served["loaded"]
+    x = eval_transform(loaded.preprocess)(image)[None]
+    with torch.no_grad():
+        out = loaded.model(x)
+    return get_pipeline(loaded.pipeline).decode(out)
+
+
+def assert_matches(body: dict, pred, i: int = 0) -> None:
+    probs = [body["probabilities"][name] for name in SEVERITY_NAMES]
+    assert np.allclose(probs, pred.probs[i].numpy(), atol=TOL, rtol=0), (probs, pred.probs[i])
+    assert abs(body["severity_score"] - float(pred.score[i])) <= TOL
+    assert body["severity_index"] == int(pred.label[i])
+    assert body["severity"] == SEVERITY_NAMES[int(pred.label[i])]
+    assert abs(body["abnormal_probability"] - (1 - float(pred.probs[i, 0]))) <= TOL
+
+
+def post_image(served, data: bytes, name: str = "cell.bmp", route: str = "/predict", **extra) -> httpx.Response:
+    files = {"image": (name, data, "application/octet-stream"), **extra}
+    return served["client"].post(route, files=files)
+
+
+def good_cell(served) -> Path:
+    return Path(served["cells"].loc[0, "path"])
+
+
+def assert_still_serving(served) -> None:
+    r = post_image(served, good_cell(served).read_bytes())
+    assert r.status_code == 200, r.text
+    assert served["client"].get("/readyz").status_code == 200
+
+
+# --------------------------------------------------------------------------------------
+# Endpoints
+# --------------------------------------------------------------------------------------
+
+
+def test_health_and_metrics(served):
+    c = served["client"]
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert c.get(path).status_code == 200, path
+    post_image(served, good_cell(served).read_bytes())
+    metrics = c.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'endpoint="/predict"' in metrics.text and "bentoml_service_request" in metrics.text
+
+
+def test_binds_loopback_by_default(served):
+    assert f"listening on http://127.0.0.1:{served['url'].rsplit(':', 1)[1]}" in served["log"].read_text()
+
+
+def _properties(spec: dict, schema: dict) -> dict:
+    if "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema.get("properties", {})
+
+
+def test_openapi_documents_every_field(served):
+    spec = served["client"].get("/docs.json").json()
+    for route, inputs, output_fields in (
+        ("/predict", {"image"}, {"severity", "severity_index", "probabilities", "severity_score",
+                                 "abnormal_probability", "model"}),
+        ("/explain", {"image", "mask"}, {"heatmap_png", "severity_score", "fractions", "model"}),
+    ):
+        op = spec["paths"][route]["post"]
+        assert op.get("description")
+        body = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+        props = _properties(spec, body)
+        assert set(props) == inputs
+        assert all(p.get("description") for p in props.values()), props
+        out = _properties(spec, op["responses"]["200"]["content"]["application/json"]["schema"])
+        assert output_fields <= set(out)
+        assert all(p.get("description") for p in out.values()), [k for k, p in out.items() if not p.get("description")]
+    for name in ("ModelRef", "AttributionFractions"):
+        fields = spec["components"]["schemas"][name]["properties"]
+        assert all(p.get("description") for p in fields.values()), name
+
+
+def test_predict_equals_in_process_model(served):
+    reg = served["reg"]
+    for path in served["cells"]["path"]:
+        data = Path(path).read_bytes()
+        r = post_image(served, data)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert_matches(body, in_process(served, Image.open(io.BytesIO(data))))
+        assert body["model"]["name"] == "pap-severity"
+        assert body["model"]["version"] == reg.version
+        assert body["model"]["uri"] == f"models:/pap-severity/{reg.version}"
+        assert body["model"]["bento_model"] == served["tag"]
+        assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
+
+
+def test_concurrent_requests_are_batched(served):
+    paths = [Path(p) for p in served["cells"]["path"]] * 4
+    batched = False
+    for _ in range(3):
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda p: post_image(served, p.read_bytes()), paths))
+        for path, r in zip(paths, responses):
+            assert r.status_code == 200, r.text
+            assert_matches(r.json(), in_process(served, Image.open(path)))
+        text = served["client"].get("/metrics").text
+        sums = [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("bentoml_service_adaptive_batch_size_sum") and "forward" in line]
+        counts = [float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("bentoml_service_adaptive_batch_size_count") and "forward" in line]
+        assert sums and counts, "no adaptive batching metric for /forward"
+        if sum(sums) > sum(counts):  # some batch held more than one image
+            batched = True
+            break
+    assert batched, "20 concurrent requests never shared a forward pass"
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "P_transparent", "I;16", "1", "CMYK_jpeg", "wide"])
+def test_image_modes_are_converted(served, mode):
+    rgb = Image.open(good_cell(served)).convert("RGB")
+    if mode == "P_transparent":
+        image = rgb.convert("P")
+        image.info["transparency"] = 0
+        data = png_bytes(image)
+    elif mode == "I;16":
+        a = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+        image = Image.fromarray(a)
+        assert image.mode == "I;16"
+        data = png_bytes(image)
+        assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    elif mode == "CMYK_jpeg":
+        data = png_bytes(rgb.convert("CMYK"), "JPEG")
+    elif mode == "wide":  # non-square: padded with the border colour, as in training
+        data = png_bytes(rgb.resize((48, 20)))
+    elif mode == "RGBA":
+        a = np.asarray(rgb.convert("RGBA")).copy()
+        a[..., 3] = np.linspace(0, 255, a.shape[1], dtype=np.uint8)[None, :]
+        data = png_bytes(Image.fromarray(a, mode="RGBA"))
+    else:
+        data = png_bytes(rgb.convert(mode))
+    r = post_image(served, data, name=f"cell-{mode}.png")
+    assert r.status_code == 200, r.text
+    assert_matches(r.json(), in_process(served, Image.open(io.BytesIO(data))))
+
+
+def _png_image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_ig():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ig.ConvergenceWarning)  # a 1-epoch model; the delta is reported, not judged
+        yield
+
+
+def _in_process_ig(served, image: Image.Image, codes=None):
+    cell = ig.prepare_image(image, served["bundle"].preprocess, codes)
+    result = ig.integrated_gradients(served["bundle"], cell.input[None], served["cfg"].explain)
+    return cell, result, ig.attribution_map(result.attributions)[0]
+
+
+def test_explain_without_mask(served):
+    path = good_cell(served)
+    r = post_image(served, path.read_bytes(), route="/explain")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    heat = _png_image(body["heatmap_png"])
+    assert heat.format == "PNG" and heat.size == (256, 256)
+    assert body["fractions"] is None
+    assert body["image_size"] == 32 and body["baseline"] == "white" and body["n_steps"] == 50
+    assert body["model"]["version"] == served["reg"].version
+    pred = in_process(served, Image.open(path))
+    assert abs(body["severity_score"] - float(pred.score[0])) <= TOL
+    _, result, _ = _in_process_ig(served, Image.open(path))
+    assert abs(body["convergence_delta"] - float(result.delta[0])) <= 1e-4
+
+
+def test_explain_with_mask_gives_the_reports_fractions(served):
+    path = good_cell(served)
+    mask = path.with_name(path.stem + "-d.bmp")
+    r = post_image(served, path.read_bytes(), route="/explain",
+                   mask=(mask.name, mask.read_bytes(), "image/bmp"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    f = body["fractions"]
+    for key in ("at_n", "at_c", "at_n_norm", "at_c_norm", "abs_at_n", "abs_at_c", "nucleus_share"):
+        assert f[key] is not None and np.isfinite(f[key]), key
+    # The same numbers as the explain code of the reports, computed here on the trained model.
+    cell, _, am = _in_process_ig(served, Image.open(path), read_mask(mask))
+    expected = ig.attribution_fractions(am, cell.codes)
+    for key in ("at_n", "at_c", "at_n_norm", "at_c_norm", "abs_at_n", "abs_at_c", "nucleus_share"):
+        assert abs(f[key] - expected[key]) <= 1e-4 * max(1.0, abs(expected[key])), key
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: a 4xx JSON error that says what is wrong, and the server keeps serving
+# --------------------------------------------------------------------------------------
+
+
+def _multipart(fields: list[tuple[str, str | None, bytes]], boundary: str = "pAp-BoUnDaRy") -> tuple[bytes, dict]:
+    parts = []
+    for name, filename, data in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _bomb() -> bytes:
+    return png_bytes(Image.new("L", (1000, 1000)))  # 1e6 pixels in a few KB
+
+
+def _bad_requests(served) -> dict:
+    cell = good_cell(served).read_bytes()
+    mask = good_cell(served).with_name(good_cell(served).stem + "-d.bmp").read_bytes()
+    empty_form, empty_headers = _multipart([])
+    text_form, text_headers = _multipart([("image", None, b"http://example.com/cell.png")])
+
+    def chunks():
+        for _ in range(4):
+            yield b"x" * 100_000
+
+    return {
+        # name: (route, httpx.post kwargs, status, words in the message)
+        "not_an_image": ("/predict", {"files": {"image": ("x.bmp", b"hello, not a picture", "image/bmp")}},
+                         400, "not an image"),
+        "truncated": ("/predict", {"files": {"image": ("x.bmp", cell[: len(cell) // 2], "image/bmp")}},
+                      400, "truncated"),
+        "empty_file": ("/predict", {"files": {"image": ("x.bmp", b"", "image/bmp")}}, 400, "empty"),
+        "empty_body": ("/predict", {"content": b"", "headers": empty_headers}, 400, "empty request body"),
+        "no_body_at_all": ("/predict", {}, 415, "content-type"),
+        "oversize_file": ("/predict", {"files": {"image": ("x.bmp", b"B" * (MAX_UPLOAD + 1000), "image/bmp")}},
+                          413, "limit"),
+        "oversize_body": ("/predict", {"content": b"x" * (3 * MAX_UPLOAD), "headers": empty_headers}, 413, "limit"),
+        "oversize_chunked": ("/predict", {"content": chunks(), "headers": empty_headers}, 413, "limit"),
+        "too_many_pixels": ("/predict", {"files": {"image": ("bomb.png", _bomb(), "image/png")}}, 413, "pixels"),
+        "missing_field": ("/predict", {"content": empty_form, "headers": empty_headers}, 400, "missing field 'image'"),
+        "missing_image_with_mask": ("/explain", {"files": {"mask": ("m.bmp", mask, "image/bmp")}},
+                                    400, "missing field 'image'"),
+        "wrong_field_name": ("/predict", {"files": {"file": ("x.bmp", cell, "image/bmp")}}, 400, "unknown field"),
+        # BentoML would fetch a URL given as text: the guard refuses any text value.
+        "text_instead_of_file": ("/predict", {"content": text_form, "headers": text_headers}, 400, "must be a file"),
+        "json_body": ("/predict", {"json": {"image": "aGVsbG8="}}, 415, "multipart/form-data"),
+        "raw_image_body": ("/predict", {"content": cell, "headers": {"content-type": "image/bmp"}}, 415,
+                           "multipart/form-data"),
+        "no_boundary": ("/predict", {"content": b"abc", "headers": {"content-type": "multipart/form-data"}},
+                        400, "boundary"),
+        "malformed_multipart": ("/predict", {"content": b"--nope\r\ngarbage", "headers": empty_headers}, 400,
+                                "malformed multipart"),
+        "two_images": ("/predict", {"files": [("image", ("a.bmp", cell, "image/bmp")),
+                                              ("image", ("b.bmp", cell, "image/bmp"))]}, 400, "2 times"),
+        "mask_not_an_image": ("/explain", {"files": {"image": ("x.bmp", cell, "image/bmp"),
+                                                     "mask": ("m.bmp", b"nope", "image/bmp")}}, 400, "mask"),
+        "mask_wrong_size": ("/explain", {"files": {"image": ("x.bmp", cell, "image/bmp"),
+                                                   "mask": ("m.png", png_bytes(Image.new("RGB", (10, 12))),
+                                                            "image/png")}}, 400, "10x12"),
+    }
+
+
+BAD = ["not_an_image", "truncated", "empty_file", "empty_body", "no_body_at_all", "oversize_file", "oversize_body",
+       "oversize_chunked", "too_many_pixels", "missing_field", "missing_image_with_mask", "wrong_field_name",
+       "text_instead_of_file", "json_body", "raw_image_body", "no_boundary", "malformed_multipart", "two_images",
+       "mask_not_an_image", "mask_wrong_size"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gets_a_4xx_json_error(served, case):
+    route, kwargs, status, words = _bad_requests(served)[case]
+    try:
+        r = served["client"].post(route, **kwargs)
+    except httpx.HTTPError as exc:  # only acceptable if the server cut off an oversize upload
+        assert case.startswith("oversize"), f"{case}: {exc!r}"
+    else:
+        assert r.status_code == status, (case, r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/json"), r.headers
+        body = r.json()
+        assert isinstance(body, dict) and body["status"] == status
+        assert words.lower() in body["error"].lower(), body
+    assert_still_serving(served)
+
+
+def test_get_is_not_allowed_and_server_lives(served):
+    assert served["client"].get("/predict").status_code == 405
+    assert_still_serving(served)
+    assert served["proc"].poll() is None
+
+
+# --------------------------------------------------------------------------------------
+# The decoding helpers themselves (no server)
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_image_limits_and_modes(tmp_path):
+    limits = UploadLimits(max_upload_bytes=50_000, max_pixels=10_000)
+    ok = png_bytes(Image.new("I;16", (50, 40)))
+    assert decode_image(ok, limits).size == (50, 40)
+    with pytest.raises(RequestError) as err:
+        decode_image(png_bytes(Image.new("L", (200, 200))), limits)
+    assert err.value.status == 413 and "40000 pixels" in err.value.message
+    with pytest.raises(RequestError) as err:
+        decode_image(b"", limits)
+    assert err.value.status == 400 and "empty" in err.value.message
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"0" * 60_000)
+    with pytest.raises(RequestError) as err:
+        decode_image(big, limits)
+    assert err.value.status == 413 and "60000 bytes" in err.value.message
+    with pytest.raises(RequestError) as err:
+        decode_mask_upload(png_bytes(Image.new("RGB", (5, 5))), limits, (6, 5))
+    assert err.value.status == 400 and err.value.field == "mask"
+
+
+def test_bentoml_build_works_offline(served, tmp_path):
+    """`bentoml build` of a copy of bento/ (so the working tree is untouched): no lock step, no download."""
+    import shutil
+
+    from pap_severity.serving import build_wheel
+
+    ctx = tmp_path / "bento"
+    ctx.mkdir()
+    for name in ("service.py", "bentofile.yaml"):
+        shutil.copy2(BENTO_DIR / name, ctx / name)
+    wheel = build_wheel(ctx / "wheels")
+    config = yaml.safe_load((ctx / "bentofile.yaml").read_text())
+    assert f"./wheels/{wheel.name}" in config["python"]["wheels"], "bentofile.yaml names another wheel version"
+    env = {**os.environ, "BENTOML_HOME": str(served["root"] / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "PAP_SEVERITY_PARAMS": str(served["root"] / "params.yaml"),
+           # Any attempt to reach the package index fails at once.
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "UV_INDEX_URL": "http://127.0.0.1:9/simple",
+           "UV_OFFLINE": "1", "PIP_NO_INDEX": "1"}
+    done = subprocess.run([str(BENTOML), "build", "--output", "tag"], cwd=ctx, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tag = done.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    info = subprocess.run([str(BENTOML), "get", tag, "-o", "json"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert info.returncode == 0, info.stderr[-2000:]
+    bento = json.loads(info.stdout)
+    models = {m["tag"] for svc in bento["services"] for m in svc.get("models", [])}
+    assert served["tag"] in models
+    path = served["root"] / "bentoml" / "bentos" / tag.replace(":", "/")
+    assert (path / "env" / "python" / "wheels" / wheel.name).is_file()
+    assert not (path / "env" / "python" / "requirements.lock.txt").exists()
+
+
+@pytest.mark.parametrize("flag, batchable", [("1", True), ("0", False)])
+def test_batching_switch(tmp_path, flag, batchable):
+    """PAP_SEVERITY_BATCHING turns adaptive batching of the model's forward on and off."""
+    env = {**os.environ, "PAP_SEVERITY_BATCHING": flag, "BENTOML_HOME": str(tmp_path / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true", "PAP_SEVERITY_PARAMS": str(ROOT / "params.yaml")}
+    done = subprocess.run([sys.executable, "-c", "import service; m = service.PapSeverityModel.apis['forward']; "
+                           "print(m.batchable, m.max_batch_size, m.max_latency_ms)"],
+                          cwd=BENTO_DIR, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    words = done.stdout.split()
+    assert words[0] == str(batchable)
+    if batchable:
+        cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
+        assert (int(words[1]), int(words[2])) == (cfg["batch_max_size"], cfg["batch_max_latency_ms"])
