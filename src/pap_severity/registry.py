@@ -359,8 +359,9 @@ def load_model(cfg: Config, name: str | None = None, *, alias: str | None = None
         model_uri = f"models:/{name}@{alias}"
     with tempfile.TemporaryDirectory() as tmp:
         # The exact version found (the alias could move meanwhile).
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp,
-                                                    tracking_uri=uri, registry_uri=uri)
+        # MLflow 3.17 ignores registry_uri= for a models:/ URI: resolve the version's folder first.
+        source = client.get_model_version_download_uri(name, str(mv.version))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
         model = mlflow.pytorch.load_model(local)
         info = mlflow.models.Model.load(local)
     devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
