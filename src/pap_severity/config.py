@@ -165,7 +165,7 @@ class ServeConfig(Section):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(4096 * 4096, ge=1)
     batch_max_size: int = Field(32, ge=1)
-    batch_max_latency_ms: int = Field(20, ge=1)
+    batch_max_latency_ms: int = Field(5000, ge=1)
     torch_threads: int = Field(1, ge=1)
     # Adaptive batching of /predict (needs batch_max_size >= 2); env PAP_SEVERITY_BATCHING=0|1 overrides.
     batching: bool = True
