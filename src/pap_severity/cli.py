@@ -18,6 +18,8 @@ from pap_severity.config import Config, ConfigError, load_config
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Herlev data: fetch, synth, manifest, validate, split.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bento_app = typer.Typer(help="The BentoML service: import the champion, build the bento.", no_args_is_help=True)
+app.add_typer(bento_app, name="bento")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read settings from")]
 DEFAULT_PARAMS = Path("params.yaml")
@@ -43,7 +45,7 @@ def clean_errors(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        except (ConfigError, ValueError, FileNotFoundError, LookupError, RuntimeError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 
@@ -275,6 +277,49 @@ def register(
         typer.echo(f"{r.name} v{r.version}: {state} ({r.reason})" + ("" if r.created else " [already registered]"))
         if r.missing_artifacts:
             typer.echo(f"  missing artifacts: {', '.join(map(str, r.missing_artifacts))}")
+
+
+@bento_app.command("import")
+@clean_errors
+def bento_import(
+    version: Annotated[Optional[str], typer.Option(help="a registered version instead of the alias")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="registry alias [params: registry.alias]")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Copy models:/<registry.model_name>@<alias> into the BentoML model store (BENTOML_HOME)."""
+    from pap_severity.serving import import_champion
+
+    tag = import_champion(_config(params), alias=alias, version=version)
+    typer.echo(f"imported {tag}; serve it: cd bento && bentoml serve")
+
+
+@bento_app.command("wheel")
+@clean_errors
+def bento_wheel() -> None:
+    """Build the package wheel into bento/wheels (offline), for `bentoml build`."""
+    from pap_severity.serving import build_wheel
+
+    typer.echo(f"wrote {build_wheel()}")
+
+
+@bento_app.command("build")
+@clean_errors
+def bento_build(
+    record: Annotated[Optional[Path], typer.Option(help="also write the bento tag to this JSON file")] = None,
+) -> None:
+    """Build the wheel, then `bentoml build` bento/ (offline); import the model first."""
+    import json
+    import os
+
+    from pap_severity.serving import build_bento
+
+    tag = build_bento()
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        home = os.environ.get("BENTOML_HOME", "~/bentoml")
+        record.write_text(json.dumps({"bento": str(tag), "bentoml_home": home,
+                                      "serve": f"cd bento && BENTOML_HOME={home} bentoml serve"}, indent=2) + "\n")
+    typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve (with the same BENTOML_HOME)")
 
 
 def main() -> None:  # pragma: no cover - the console script entry
