@@ -1,0 +1,100 @@
+"""Training throughput against this machine's matmul rate, measured side by side in one run.
+
+Prints training images per second, the achieved GFLOP/s of a training step (FLOPs counted by
+torch.utils.flop_counter over forward + backward), this machine's fp32 matmul GFLOP/s, and
+their ratio. Target: at least 40% of the matmul rate for resnet18 at 128 px on CPU.
+
+    python benchmarks/train_throughput.py                       # resnet18, 128 px, CPU
+    python benchmarks/train_throughput.py --device cuda --amp   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pap_severity import losses
+from pap_severity.models import ClassifierHead, build_model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: torch.device, n: int, repeats: int, dtype: torch.dtype) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.arch, "none", ClassifierHead).to(device).train()
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    if not args.no_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (args.batch_size,), device=device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            out = model(x)
+        losses.combined(out[:, :5].float(), y).backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops_per_step = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    matmul_dtype = torch.bfloat16 if args.amp else torch.float32
+    tf32 = device.type == "cuda" and not args.amp and torch.backends.cudnn.allow_tf32
+    if tf32:  # cuDNN convolutions run fp32 as TF32 by default: compare with TF32 matmul
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_gflops(device, args.matmul_size, repeats=10 if device.type == "cpu" else 50, dtype=matmul_dtype)
+
+    achieved = flops_per_step * args.steps / elapsed / 1e9
+    print(f"setting: {args.arch}, {args.image_size} px, batch {args.batch_size}, {device.type}"
+          f"{', bf16 autocast' if args.amp else ', fp32'}, channels_last={not args.no_channels_last}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"training: {args.batch_size * args.steps / elapsed:.1f} images/s, "
+          f"{flops_per_step / args.batch_size / 1e9:.2f} GFLOP per image (forward + backward)")
+    print(f"achieved: {achieved:.1f} GFLOP/s")
+    kind = "tf32" if tf32 else str(matmul_dtype).removeprefix("torch.")
+    print(f"matmul ({args.matmul_size}^2, {kind}): {peak:.1f} GFLOP/s")
+    print(f"ratio achieved / matmul: {achieved / peak:.1%} (target >= 40% for resnet18 at 128 px on CPU)")
+
+
+if __name__ == "__main__":
+    main()
