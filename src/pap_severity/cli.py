@@ -313,7 +313,8 @@ def bento_build(
 
     from pap_severity.serving import build_bento
 
-    tag = build_bento()
+    # The project in the working directory (a DVC run), else the one the package was installed from.
+    tag = build_bento(Path.cwd() if (Path("bento") / "bentofile.yaml").is_file() else None)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
         home = os.environ.get("BENTOML_HOME", "~/bentoml")

@@ -243,11 +243,12 @@ def register(
     if existing is not None:
         champion = _champion(client, name, reg.alias)
         held = champion is not None and str(champion.version) == str(existing.version)
-        reason = (f"already registered as {name} v{existing.version} (content hash {digest[:12]}); "
-                  f"nothing added. {existing.tags.get('promotion_reason', '')}").strip()
-        log.info(reason)
+        # The reason recorded when the version was made, so a re-run reports exactly what the first did.
+        reason = existing.tags.get("promotion_reason", "")
+        log.info("already registered as %s v%s (content hash %s); nothing added", name, existing.version, digest[:12])
+        missing = [m.strip() for m in existing.tags.get("missing_artifacts", "").split(",") if m.strip()]
         return RegistrationResult(name, str(existing.version), held, reason, f"models:/{name}/{existing.version}",
-                                  existing.run_id, digest, created=False,
+                                  existing.run_id, digest, created=False, missing_artifacts=missing,
                                   champion_version=str(champion.version) if champion else None)
 
     values = scalar_metrics(metrics)

@@ -630,12 +630,16 @@ def build_wheel(dest: str | Path | None = None, project: str | Path | None = Non
 def build_bento(project: str | Path | None = None):
     """`bentoml build` of <project>/bento/bentofile.yaml (after building the wheel); returns the bento tag.
     Needs the model in the BentoML store (import_champion) and no network."""
+    import contextlib
+
     import bentoml
 
     project = Path(project) if project else PROJECT_ROOT
     build_wheel(project=project)
-    ctx = project / "bento"
-    bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
+    ctx = (project / "bento").resolve()
+    # bentoml resolves python.wheels against the working directory, not build_ctx.
+    with contextlib.chdir(ctx):
+        bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
     return bento.tag
 
 

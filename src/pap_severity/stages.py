@@ -193,5 +193,7 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
                                       artifacts=report + extra, data_source=source, pipeline=pipeline,
                                       params=settings(cfg)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([{k: v for k, v in vars(r).items()} for r in results], indent=2, default=str) + "\n")
+    # `created` is left out: the record only changes when the registry does, so the bento is not rebuilt for nothing.
+    record = [{k: v for k, v in vars(r).items() if k != "created"} for r in results]
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return results
