@@ -75,6 +75,7 @@ def test_repro_writes_every_out_and_metric(project):
         "reports/explain/combined/summary.json",
         "reports/registry.json",
         "reports/bento.json",
+        "reports/index.html",
         "mlflow.db",
     ]
     for p in PIPELINES:
@@ -89,6 +90,10 @@ def test_repro_writes_every_out_and_metric(project):
                     "binary_accuracy", "binary_f1", "sensitivity", "specificity"):
             assert {"mean", "std", "per_fold"} <= set(metrics[key]), key
     assert "synthetic" in (project / "reports/comparison.md").read_text()
+    index = (project / "reports/index.html").read_text()
+    assert "Data source: <b>synthetic</b>" in index and "not Herlev results" in index
+    for linked in ("validation/data_docs/index.html", "explain/combined/report.html", "figures/auc_per_fold.png"):
+        assert f'"{linked}"' in index, linked
     registry = {r["name"]: r for r in json.loads((project / "reports/registry.json").read_text())}
     assert registry["pap-severity"]["promoted"] is True
     assert registry["pap-severity"]["missing_artifacts"] == []

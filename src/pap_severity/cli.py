@@ -279,6 +279,15 @@ def register(
             typer.echo(f"  missing artifacts: {', '.join(map(str, r.missing_artifacts))}")
 
 
+@app.command("report")
+@clean_errors
+def report(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """reports/index.html: one page linking everything the pipeline produced."""
+    from pap_severity.report import write_index
+
+    typer.echo(f"wrote {write_index(pipelines=_config(params).train.pipelines)}")
+
+
 @bento_app.command("import")
 @clean_errors
 def bento_import(
