@@ -88,7 +88,7 @@ def data_fetch(
     cfg = _config(params).data
     root = fetch(url or cfg.url, dest or Path(cfg.download_dir), sha256=cfg.sha256, zip_path=zip_path)
     typer.echo(f"extracted Herlev to {root}")
-    typer.echo(f"train on it: dvc repro -S data.root={root.as_posix()}")
+    typer.echo(f"train on it: dvc exp run -S data.root={root.as_posix()}")
 
 
 @data_app.command("manifest")

@@ -106,7 +106,7 @@ def build_backbone(arch: str, weights: str) -> tuple[nn.Module, int]:
         cache = f"{torch.hub.get_dir()}/checkpoints/{enum.url.rsplit('/', 1)[-1]}"
         raise WeightsUnavailable(
             f"could not load the ImageNet weights of {arch} ({exc}). They download to {cache}. "
-            "Either train from scratch with model.weights=none (e.g. `dvc repro -S model.weights=none`), "
+            "Either train from scratch with model.weights=none (e.g. `dvc exp run -S model.weights=none`), "
             f"or pre-fill the cache: put that file in $TORCH_HOME/hub/checkpoints/ on this machine."
         ) from None
     width = net.fc.in_features

@@ -32,7 +32,7 @@ def _offline_hint() -> str:
     return (
         f"If you already have {ZIP_NAME}, run `pap-severity data fetch --zip PATH/{ZIP_NAME}`. "
         "If you have the extracted folder, use it in place: "
-        "`dvc repro -S data.root=PATH`."
+        "`dvc exp run -S data.root=PATH`."
     )
 
 
