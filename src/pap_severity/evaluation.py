@@ -21,7 +21,6 @@ state), so they are safe in tests, servers and parallel workers.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from sklearn.metrics import (
 )
 
 from pap_severity.data.labels import NUM_SEVERITIES, SEVERITY_NAMES
+from pap_severity.files import json_ready, write_json
 
 CLASSES = list(range(NUM_SEVERITIES))
 PROB_COLUMNS = [f"p{k}" for k in CLASSES]
@@ -240,7 +240,7 @@ def evaluate_predictions(predictions: pd.DataFrame, pipeline: str, data_source: 
         if part_rows.empty:
             raise ValueError(f"pipeline {pipeline!r} has no predictions for part {part!r}")
     test, validation = (summarise(fold_metrics(parts[part])) for part in ("test", "val"))
-    return _to_json(
+    return json_ready(
         {
             **{metric: test[metric] for metric in METRICS},
             "confusion_matrix": test["confusion_matrix"],
@@ -272,26 +272,6 @@ def _pipeline_rows(predictions: pd.DataFrame, pipeline: str) -> pd.DataFrame:
         found = ", ".join(map(str, predictions["pipeline"].unique()))
         raise ValueError(f"no predictions for pipeline {pipeline!r} (found: {found or 'none'})")
     return rows
-
-
-def _to_json(value):
-    """A JSON-ready copy: NaN and inf -> None, numpy and Path -> plain Python."""
-    if isinstance(value, dict):
-        return {str(key): _to_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_to_json(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
-
-
-def write_json(content: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
 
 
 # Figures -------------------------------------------------------------------------------
@@ -490,7 +470,7 @@ def compare(metrics_files: dict[str, Path] | list[Path], out_md: Path, out_json:
     metrics = _load_metrics(metrics_files)
     if not metrics:
         raise ValueError("no metrics files to compare")
-    comparison = _to_json(
+    comparison = json_ready(
         {
             "part": "test",
             "data_source": {name: m.get("data_source") for name, m in metrics.items()},

@@ -54,7 +54,6 @@ import base64
 import copy
 import html
 import io
-import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -79,6 +78,7 @@ from pap_severity.config import ExplainConfig
 from pap_severity.data.labels import NUM_SEVERITIES, SEVERITY_NAMES
 from pap_severity.data.manifest import open_image
 from pap_severity.data.masks import BACKGROUND, CYTOPLASM, NUCLEUS, encode_mask, read_mask
+from pap_severity.files import json_ready, write_json
 from pap_severity.losses import NUM_CLASSES
 from pap_severity.models import ExpectedScore, SeverityNet, corn_probabilities
 from pap_severity.transforms import Preprocess, eval_transform, square_resize, white_input
@@ -703,20 +703,6 @@ def fig8(cells: Sequence[tuple[str, Cell, np.ndarray, str]], per_row: int) -> Fi
     return fig
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
 def class_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Per-class means of the metrics (NaN-skipping) plus an `abnormal` row (severity >= 1)."""
     metric_columns = [c for c, _ in TABLE_COLUMNS if c != "n"]
@@ -861,11 +847,11 @@ def explain_report(
     fig8_png = _png(fig8(panel_cells, per_row=cfg.cells_per_class), dpi=130) if panel_cells else b""
 
     summary = _summary(bundle, rows, table, result, sanity, cfg, data_source, convergence_warnings)
-    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_json(summary, out_dir / "summary.json")
     (out_dir / "report.html").write_text(
         _report_html(bundle, summary, table, fig9_png, fig8_png, sanity, cfg, data_source, convergence_warnings)
     )
-    return _json_safe(summary)
+    return json_ready(summary)
 
 
 def _sanity_indices(rows: pd.DataFrame, seed: int) -> list[int]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import subprocess
 import tempfile
@@ -40,6 +39,7 @@ import torch
 
 from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import Config
+from pap_severity.files import json_ready, write_json
 from pap_severity.transforms import white_input
 
 RUNS_FILE = "mlflow_runs.json"
@@ -107,12 +107,7 @@ def read_runs(path: str | Path) -> dict:
 
 
 def write_runs(path: str | Path, runs: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(runs, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
-    return path
+    return write_json(runs, path, sort_keys=True)
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -267,7 +262,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
             pre_file = pre.save(Path(tmp) / "preprocess.json")
             info_file = Path(tmp) / "bundle.json"
-            info_file.write_text(json.dumps({**description, "meta": _json_safe(bundle.meta)}, indent=2))
+            info_file.write_text(json.dumps({**description, "meta": json_ready(bundle.meta)}, indent=2))
             info = mlflow.pytorch.log_model(
                 model,
                 name=name,
@@ -297,15 +292,3 @@ def _quiet_downloads() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)

@@ -54,6 +54,7 @@ from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
 from pap_severity.config import Config
 from pap_severity.data.dataset import CellDataset
 from pap_severity.evaluation import HEADLINE, PREDICTION_COLUMNS, PROB_COLUMNS, compute_metrics
+from pap_severity.files import write_json
 from pap_severity.losses import NUM_CLASSES, balanced_class_weights
 from pap_severity.models import build_model
 from pap_severity.pipelines import Pipeline, get_pipeline
@@ -583,7 +584,7 @@ def train_final(
 ) -> ModelBundle:
     """Train on every cv cell (all folds) for a fixed number of epochs (default
     train.epochs), without validation nor early stopping: the model for the registry."""
-    cv = _split_items(manifest, splits)["cv"]
+    cv = split_items(manifest, splits)["cv"]
     _fit(cfg, pipeline, cv, None, Path(checkpoint), epochs=epochs or cfg.train.epochs, resume=resume,
          on_epoch=None, progress=progress, fold=-1, meta={"pipeline": pipeline, "role": "final"})
     return load_bundle(checkpoint)[0]
@@ -614,8 +615,8 @@ def predict_items(bundle: ModelBundle, items: pd.DataFrame, batch_size: int = 64
     return table
 
 
-def _split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The cv and test rows of splits (path, severity, fold), checked against the manifest."""
+def split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The cv and test rows of splits (path, sha256 when present, severity, part, fold), checked against the manifest."""
     missing = {"path", "severity", "part", "fold"} - set(splits.columns)
     if missing:
         raise ValueError(f"splits table lacks columns {sorted(missing)}")
@@ -625,7 +626,7 @@ def _split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.D
             f"{len(unknown)} cells of the splits are not in the manifest (e.g. {sorted(unknown)[0]}); "
             "rebuild the splits from this manifest (`pap-severity data split`)"
         )
-    rows = splits.loc[:, ["path", "severity", "part", "fold"]].copy()
+    rows = splits.loc[:, [c for c in ("path", "sha256", "severity", "part", "fold") if c in splits.columns]].copy()
     rows["severity"] = rows["severity"].astype(int)
     rows["fold"] = rows["fold"].astype(int)
     parts = {part: rows[rows["part"] == part].reset_index(drop=True) for part in ("cv", "test")}
@@ -670,7 +671,7 @@ def cross_validate(
     MLflow runs.
     """
     get_pipeline(pipeline)
-    parts = _split_items(manifest, splits)
+    parts = split_items(manifest, splits)
     cv, test = parts["cv"], parts["test"]
     folds = sorted(int(k) for k in cv["fold"].unique() if k >= 0)
     if len(folds) < 2:
@@ -720,7 +721,7 @@ def cross_validate(
     partial = out / (PREDICTIONS_FILE + ".part")
     predictions.to_csv(partial, index=False)
     partial.replace(out / PREDICTIONS_FILE)
-    (out / TRAINING_FILE).write_text(json.dumps(_json_ready(summary), indent=2) + "\n")
+    write_json(summary, out / TRAINING_FILE)
     return predictions
 
 
@@ -786,18 +787,6 @@ class _RunIds:
         from pap_severity.tracking import write_runs
 
         write_runs(self.path, self.data)
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, np.generic):
-        return _json_ready(value.item())
-    return value
 
 
 __all__ = [

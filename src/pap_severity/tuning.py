@@ -128,8 +128,9 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from pap_severity.config import Config
+from pap_severity.files import write_json
 from pap_severity.pipelines import get_pipeline
-from pap_severity.training import LOWER_IS_BETTER, STOPPING_METRICS, train_fold
+from pap_severity.training import LOWER_IS_BETTER, STOPPING_METRICS, split_items, train_fold
 
 log = logging.getLogger(__name__)
 
@@ -184,27 +185,15 @@ def trial_config(cfg: Config, params: dict) -> Config:
 
 
 def cv_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
-    """The cv rows of the splits (path, sha256, severity, fold): all tuning ever reads.
+    """The cv rows of the splits (path, sha256, severity, part, fold): all tuning ever reads.
     Asserts that no test cell is among them."""
-    missing = {"path", "severity", "part", "fold"} - set(splits.columns)
-    if missing:
-        raise ValueError(f"splits table lacks columns {sorted(missing)}")
-    unknown = set(splits["path"].astype(str)) - set(manifest["path"].astype(str))
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} cells of the splits are not in the manifest (e.g. {sorted(unknown)[0]}); "
-            "rebuild the splits from this manifest (`pap-severity data split`)"
-        )
-    cv = splits[splits["part"] == "cv"].copy()
-    test = splits[splits["part"] != "cv"]
-    assert set(cv["path"].astype(str)).isdisjoint(test["path"].astype(str)), "a test cell is in the cv part"
-    assert (cv["part"] == "cv").all()
-    cv["severity"] = cv["severity"].astype(int)
-    cv["fold"] = cv["fold"].astype(int)
+    parts = split_items(manifest, splits)
+    cv, test = parts["cv"], parts["test"]
+    assert set(cv["path"]).isdisjoint(test["path"]), "a test cell is in the cv part"
     folds = sorted(cv["fold"].unique())
     if len(folds) < 2 or folds[0] < 0:
         raise ValueError(f"tuning needs at least 2 cv folds numbered from 0, the splits hold {folds}")
-    return cv.reset_index(drop=True)
+    return cv
 
 
 def study_settings(cfg: Config, pipeline: str, cv: pd.DataFrame) -> dict:
@@ -937,12 +926,7 @@ def tune(
 
 
 def write_best_params(path: str | Path, best: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(best, indent=2, sort_keys=True) + "\n")
-    partial.replace(path)
-    return path
+    return write_json(best, path, sort_keys=True)
 
 
 def read_best_params(path: str | Path) -> dict:
