@@ -326,9 +326,12 @@ def bento_build(
     tag = build_bento(Path.cwd() if (Path("bento") / "bentofile.yaml").is_file() else None)
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
-        home = os.environ.get("BENTOML_HOME", "~/bentoml")
-        record.write_text(json.dumps({"bento": str(tag), "bentoml_home": home,
-                                      "serve": f"cd bento && BENTOML_HOME={home} bentoml serve"}, indent=2) + "\n")
+        home = Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser()
+        if home.is_absolute() and home.is_relative_to(Path.cwd()):  # portable: relative to bento/
+            home = Path("..") / home.relative_to(Path.cwd())
+        record.write_text(json.dumps({"bento": str(tag), "bentoml_home": home.as_posix(),
+                                      "serve": f"cd bento && BENTOML_HOME={home.as_posix()} bentoml serve"},
+                                     indent=2) + "\n")
     typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve (with the same BENTOML_HOME)")
 
 
