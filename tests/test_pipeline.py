@@ -165,3 +165,22 @@ def test_the_built_bento_serves_the_champion(project):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def test_records_of_local_side_effects_are_not_versioned():
+    """register and bento_build write into the MLflow store and the BentoML store, which git does not carry.
+
+    Were their cache-less outs committed, a fresh clone whose deterministic training reproduces the
+    same models would find both stages up to date and end with no registered model and no bento.
+    """
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    records = [next(iter(out)) if isinstance(out, dict) else out
+               for name in ("register", "bento_build", "report")
+               for kind in ("outs", "metrics")
+               for out in stages[name].get(kind, [])]
+    assert records, "the register, bento_build and report stages declare no outs"
+    tracked = subprocess.run(["git", "ls-files", "--", *records], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked == [], f"git tracks {tracked}: untrack them (git rm --cached) and list them in .gitignore"
+    ignored = subprocess.run(["git", "check-ignore", *records], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert sorted(ignored) == sorted(records), f"not in .gitignore: {sorted(set(records) - set(ignored))}"
