@@ -9,9 +9,9 @@ Each pass figure is the mean over a block of as many passes as IG has images, so
 floor and IG run for about as long and see the same load from other processes; the
 blocks are interleaved, and each figure is the best block of --repeats.
 
-Model: the embedded default (resnet18, 64 px, combined head), loaded from
-models/combined/*.pt when one is there, else untrained (the weights do not change the
-timing).
+Model: resnet18 with the combined head at --size px (default 64), loaded from
+models/combined/*.pt when one of that size is there, else untrained (the weights do not
+change the timing).
 
     python benchmarks/explain_speed.py [--images 32] [--repeats 3] [--threads 2]
 """
