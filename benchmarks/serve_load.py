@@ -12,8 +12,9 @@ model's forward time per image, measured in this process right after the load (s
 same torch threads as the server: serve.torch_threads), at batch 1 and at batch --clients.
 
 Without --tracking-uri a model like the embedded default's (the params.yaml model section:
-resnet18 at model.image_size) is trained for one epoch on a small synthetic set, registered as pap-severity@champion in
-a temporary MLflow store and imported into a temporary BentoML store; all temporary.
+resnet18 at model.image_size) is trained for one epoch on a small synthetic set, registered as
+pap-severity@champion in a temporary MLflow store and imported into a temporary BentoML store;
+all temporary.
 
 serve.batch_max_latency_ms is BentoML's max_latency_ms: a deadline, not a batching window. A
 request whose wait plus estimated compute would pass it is refused with 503. The default

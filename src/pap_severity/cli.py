@@ -317,21 +317,19 @@ def bento_build(
     record: Annotated[Optional[Path], typer.Option(help="also write the bento tag to this JSON file")] = None,
 ) -> None:
     """Build the wheel, then `bentoml build` bento/ (offline); import the model first."""
-    import json
     import os
 
+    from pap_severity.files import write_json
     from pap_severity.serving import build_bento
 
     # The project in the working directory (a DVC run), else the one the package was installed from.
     tag = build_bento(Path.cwd() if (Path("bento") / "bentofile.yaml").is_file() else None)
     if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
         home = Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser()
         if home.is_absolute() and home.is_relative_to(Path.cwd()):  # portable: relative to bento/
             home = Path("..") / home.relative_to(Path.cwd())
-        record.write_text(json.dumps({"bento": str(tag), "bentoml_home": home.as_posix(),
-                                      "serve": f"cd bento && BENTOML_HOME={home.as_posix()} bentoml serve"},
-                                     indent=2) + "\n")
+        write_json({"bento": str(tag), "bentoml_home": home.as_posix(),
+                    "serve": f"cd bento && BENTOML_HOME={home.as_posix()} bentoml serve"}, record)
     typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve (with the same BENTOML_HOME)")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pap_severity.config import Config
+from pap_severity.files import write_json
 
 MANIFEST = Path("data/manifest.csv")
 SPLITS = Path("data/splits.csv")
@@ -138,7 +139,6 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
 
     Writes models/final/<pipeline>.pt and metrics/final/<pipeline>.json (single-model test metrics).
     """
-    from pap_severity import evaluation
     from pap_severity.evaluation import PROB_COLUMNS, compute_metrics
     from pap_severity.training import predict_items
     from pap_severity.training import train_final as fit_final
@@ -154,7 +154,7 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
                              pred["pred"].to_numpy(), pred["score"].to_numpy())
     content = {"pipeline": pipeline, "part": "test", "n_test_cells": len(test), "data_source": source,
                "settings": settings(cfg), "tuned": best_params is not None, **result}
-    evaluation.write_json(content, metrics / f"{pipeline}.json")
+    write_json(content, metrics / f"{pipeline}.json")
     return content
 
 
@@ -192,8 +192,7 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
         results.append(register_model(cfg, final / f"{pipeline}.pt", json.loads(metrics_file.read_text()),
                                       artifacts=report + extra, data_source=source, pipeline=pipeline,
                                       params=settings(cfg)))
-    out.parent.mkdir(parents=True, exist_ok=True)
     # `created` is left out: the record only changes when the registry does, so the bento is not rebuilt for nothing.
     record = [{k: v for k, v in vars(r).items() if k != "created"} for r in results]
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(record, out)
     return results

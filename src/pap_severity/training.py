@@ -54,7 +54,7 @@ from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
 from pap_severity.config import Config
 from pap_severity.data.dataset import CellDataset
 from pap_severity.evaluation import HEADLINE, PREDICTION_COLUMNS, PROB_COLUMNS, compute_metrics
-from pap_severity.files import write_json
+from pap_severity.files import write_json, write_text
 from pap_severity.losses import NUM_CLASSES, balanced_class_weights
 from pap_severity.models import build_model
 from pap_severity.pipelines import Pipeline, get_pipeline
@@ -727,9 +727,7 @@ def cross_validate(
             tracker.log_metrics({f"{name}_mean": float(v) for name, v in means.items()})
 
     predictions = pd.concat(tables, ignore_index=True).loc[:, list(PREDICTION_COLUMNS)]
-    partial = out / (PREDICTIONS_FILE + ".part")
-    predictions.to_csv(partial, index=False)
-    partial.replace(out / PREDICTIONS_FILE)
+    write_text(out / PREDICTIONS_FILE, predictions.to_csv(index=False))
     write_json(summary, out / TRAINING_FILE)
     return predictions
 

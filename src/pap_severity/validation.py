@@ -16,7 +16,6 @@ docs under `data_docs/` (index.html).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -30,6 +29,7 @@ import pandas as pd
 
 from pap_severity.config import DataConfig
 from pap_severity.data.labels import CLASS_FOLDERS
+from pap_severity.files import write_json
 
 MANIFEST_COLUMNS = (
     "path",
@@ -449,5 +449,5 @@ def validate_manifest(
     )
     if out is not None:
         report.result_path = out / RESULT_FILE
-        report.result_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(report.to_dict(), report.result_path)
     return report
