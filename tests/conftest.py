@@ -67,3 +67,28 @@ def tiny_herlev(tmp_path: Path) -> Path:
         for i in range(8):
             write_cell(root / name, f"{c:02d}{i:03d}-{i}", seed=100 * c + i)
     return tmp_path / "smear2005"
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory) -> dict:
+    """The synthetic cells -> manifest -> splits chain every training test starts from, made once.
+
+    6 cells in each of the 7 class folders at 32 px, 2 cv folds and a 20% test part. Tests must
+    not write into `root`; copy what they change.
+    """
+    from pap_severity.config import SplitConfig
+    from pap_severity.data.manifest import build_manifest, write_manifest
+    from pap_severity.data.splits import make_splits, write_splits
+    from pap_severity.data.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("synth_set")
+    make_synthetic(root / "synth", per_class=6, size=32, seed=0, progress=False)
+    manifest = build_manifest(root / "synth", progress=False)
+    splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.2, seed=0))
+    return {
+        "root": root / "synth",
+        "manifest": manifest,
+        "splits": splits,
+        "manifest_csv": write_manifest(manifest, root / "manifest.csv"),
+        "splits_csv": write_splits(splits, root / "splits.csv"),
+    }

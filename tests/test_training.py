@@ -23,7 +23,8 @@ from pap_severity.config import Config, SplitConfig
 from pap_severity.data.manifest import build_manifest, open_image
 from pap_severity.data.splits import make_splits
 from pap_severity.data.synth import make_synthetic
-from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS
+from pap_severity.devices import resolve_device
+from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, is_better
 from pap_severity.models import build_model
 from pap_severity.pipelines import get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, channel_stats, square_resize
@@ -205,11 +206,11 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(cells, tmp_path, monkeypa
 
 
 def test_lower_is_better_for_errors_and_nan_never_improves():
-    assert training.is_better("mse", 0.1, 0.2) and not training.is_better("mse", 0.3, 0.2)
-    assert training.is_better("accuracy", 0.3, 0.2) and not training.is_better("accuracy", 0.1, 0.2)
-    assert training.is_better("mae", 1.0, None)
-    assert not training.is_better("accuracy", float("nan"), None)
-    assert training.is_better("accuracy", 0.0, float("nan"))
+    assert is_better("mse", 0.1, 0.2) and not training.is_better("mse", 0.3, 0.2)
+    assert is_better("accuracy", 0.3, 0.2) and not training.is_better("accuracy", 0.1, 0.2)
+    assert is_better("mae", 1.0, None)
+    assert not is_better("accuracy", float("nan"), None)
+    assert is_better("accuracy", 0.0, float("nan"))
 
 
 def test_divergence_is_reported_not_decoded(cells, tmp_path):
@@ -257,20 +258,20 @@ def test_dataset_statistics_unless_imagenet(cells, tmp_path, monkeypatch):
 def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert training.resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="cuda"):
-        training.resolve_device("cuda")
+        resolve_device("cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert training.resolve_device("auto") == torch.device("mps")
+    assert resolve_device("auto") == torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert training.resolve_device("auto") == torch.device("cuda")
-    assert training.resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_device_auto_is_cpu_on_this_machine():
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         pytest.skip("this machine has an accelerator")
-    assert training.resolve_device("auto").type == "cpu"
+    assert resolve_device("auto").type == "cpu"
 
 
 @pytest.mark.parametrize("pipeline", ["combined", "regression", "corn"])

@@ -67,6 +67,11 @@ class AugmentConfig(Section):
     affine_translate: float = Field(0.05, ge=0.0, lt=0.5)
     affine_scale: float = Field(0.05, ge=0.0, lt=0.5)
     color_jitter: float = Field(0.1, ge=0.0, le=1.0)
+    # Stain jitter in the haematoxylin-eosin-DAB space (Tellez et al. 2018): each stain's
+    # concentration is scaled by U(1-h, 1+h) and shifted by U(-h, h); 0 turns it off.
+    hed: float = Field(0.0, ge=0.0, le=1.0)
+    # Mixup (Zhang et al. 2018): Beta(a, a) blends of two training cells and of their losses; 0 is off.
+    mixup: float = Field(0.0, ge=0.0)
 
 
 class LossConfig(Section):
@@ -74,6 +79,8 @@ class LossConfig(Section):
     lambda_: float = Field(1.0, ge=0.0, alias="lambda")
     # Distance scale of the SORD soft labels: p_k ~ exp(-sord_scale * |k - y|^2).
     sord_scale: float = Field(1.0, gt=0.0)
+    # Label smoothing of the cross-entropy terms (classification, combined); 0 is off.
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class TrainConfig(Section):
@@ -191,6 +198,29 @@ class Config(Section):
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
     mlflow: MlflowConfig = MlflowConfig()
+
+
+# What defines a trained model: two trainings that agree on these settings (and on their cells)
+# give the same weights. The training checkpoint's fingerprint and the Optuna study's name hash
+# them, and a test checks that every training stage of dvc.yaml lists them as params. A section
+# name stands for all of its keys. Not in it: train.pipelines (which models, not how),
+# train.device, train.workers and train.threads (where and how fast, not what).
+RUN_PARAMS: tuple[str, ...] = (
+    "model",
+    "augment",
+    "loss",
+    *(f"train.{key}" for key in TrainConfig.model_fields if key not in ("pipelines", "device", "workers", "threads")),
+)
+
+
+def run_definition(cfg: Config) -> dict:
+    """The values of RUN_PARAMS in `cfg`, as a JSON-ready dict keyed by dotted name."""
+    dumped = cfg.model_dump(mode="json", by_alias=True)
+    out = {}
+    for key in RUN_PARAMS:
+        section, _, name = key.partition(".")
+        out[key] = dumped[section][name] if name else dumped[section]
+    return out
 
 
 class ConfigError(ValueError):

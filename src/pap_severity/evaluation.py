@@ -21,6 +21,7 @@ state), so they are safe in tests, servers and parallel workers.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -66,6 +67,10 @@ METRICS = (
 )
 # The columns of the comparison table (auc_per_class has its own figure).
 HEADLINE = tuple(m for m in METRICS if m != "auc_per_class")
+# The metrics early stopping and tuning may watch: the scalar ones of compute_metrics.
+STOPPING_METRICS = frozenset(HEADLINE)
+# Metrics where lower is better; every other metric is better higher.
+LOWER_IS_BETTER = frozenset({"mse", "mae", "macro_mae"})
 HEADLINE_LABELS = {
     "accuracy": "accuracy",
     "balanced_accuracy": "balanced acc.",
@@ -87,6 +92,20 @@ PAPER_FIGURES: dict[str, dict[str, float]] = {
     "regression": {"accuracy": 0.606},
     "combined": {"accuracy": 0.745, "mean_auc": 0.94, "mse": 0.51, "binary_accuracy": 0.94, "binary_f1": 0.96},
 }
+
+
+def direction_of(metric: str) -> str:
+    """"minimize" for the error metrics, "maximize" for the rest (Optuna's words)."""
+    return "minimize" if metric in LOWER_IS_BETTER else "maximize"
+
+
+def is_better(metric: str, value: float | None, best: float | None) -> bool:
+    """Whether `value` improves on `best` for `metric`; NaN never improves."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
 
 
 def compute_metrics(y_true, probs, label, score) -> dict:

@@ -57,7 +57,7 @@ import torch
 
 from pap_severity.checkpoints import ModelBundle, load_bundle
 from pap_severity.config import Config
-from pap_severity.training import LOWER_IS_BETTER
+from pap_severity.evaluation import LOWER_IS_BETTER
 from pap_severity.transforms import Preprocess, white_input
 
 log = logging.getLogger(__name__)

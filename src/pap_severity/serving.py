@@ -732,7 +732,7 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
     from pap_severity.checkpoints import ModelBundle
     from pap_severity.models import build_model
     from pap_severity.pipelines import get_pipeline
-    from pap_severity.training import resolve_device
+    from pap_severity.devices import resolve_device
 
     pipeline = get_pipeline(info.pipeline)
     model = build_model(info.arch, "none", pipeline.head)

@@ -53,6 +53,26 @@ def tracking_uri(cfg: Config) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.mlflow.tracking_uri
 
 
+def redact(url: str) -> str:
+    """A store URL (MLflow, Optuna, database) with its password replaced by ***, for logs and files."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "://" not in url or parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def log_params(client, run_id: str, params: dict[str, Any]) -> None:
+    """Log params in batches of 100 (MLflow's limit), each value cut to MLflow's 6000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 def flatten_params(cfg: Config, pipeline: str) -> dict[str, str]:
     """`pipeline` and `section.key` for the model, train, loss and augment sections."""
     params = {"pipeline": pipeline}

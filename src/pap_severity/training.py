@@ -53,17 +53,14 @@ from tqdm.auto import tqdm
 from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
 from pap_severity.config import Config
 from pap_severity.data.dataset import CellDataset
-from pap_severity.evaluation import HEADLINE, PREDICTION_COLUMNS, PROB_COLUMNS, compute_metrics
+from pap_severity.devices import amp_dtype, amp_enabled, autocast, channels_last_pays, resolve_device
+from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, STOPPING_METRICS, compute_metrics, is_better
 from pap_severity.files import write_json, write_text
 from pap_severity.losses import NUM_CLASSES, balanced_class_weights
 from pap_severity.models import build_model
 from pap_severity.pipelines import Pipeline, get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment_transform, channel_stats
 
-# Early-stopping metrics where lower is better; every other metric is better higher.
-LOWER_IS_BETTER = frozenset({"mse", "mae", "macro_mae"})
-# The metrics early stopping may watch: the scalar ones of compute_metrics.
-STOPPING_METRICS = frozenset(HEADLINE)
 RESUME_SUFFIX = ".resume"
 PREDICTIONS_FILE = "predictions.csv"
 TRAINING_FILE = "training.json"
@@ -85,21 +82,6 @@ class FoldResult:
 # Devices, seeds, determinism ------------------------------------------------------------
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is available; use train.device=auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("train.device is mps but MPS is not available; use train.device=auto or cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and torch (all devices); set or clear the deterministic flags."""
     random.seed(seed)
@@ -116,15 +98,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def _mix(*values: int) -> int:
     """A well-spread 63-bit seed from a tuple of integers."""
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def is_better(metric: str, value: float, best: float | None) -> bool:
-    """Whether `value` improves on `best` for `metric`; NaN never improves."""
-    if value is None or not math.isfinite(value):
-        return False
-    if best is None or not math.isfinite(best):
-        return True
-    return value < best if metric in LOWER_IS_BETTER else value > best
 
 
 # Data -----------------------------------------------------------------------------------
@@ -219,19 +192,6 @@ def _loader_kwargs(cfg: Config, device: torch.device) -> dict:
 # One epoch ------------------------------------------------------------------------------
 
 
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the GPU has it (fp32's range: a deep net from scratch does not overflow, no
-    scaler needed), else float16 with a GradScaler. ResNet-101 from scratch under float16 autocast
-    gave NaN outputs in its first fold on Herlev at lr 1e-3."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=amp_dtype(device), enabled=amp)
-
-
 def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -246,7 +206,7 @@ def _train_epoch(model, loader, pipeline: Pipeline, cfg: Config, optimizer, sche
         x = _to_input(x, device, channels_last)
         y = y.to(device, non_blocking=True)
         weight = class_weights[y] if class_weights is not None else None
-        with _autocast(device, amp):
+        with autocast(device, amp):
             out = model(x)
         loss = pipeline.loss(out.float(), y, cfg.loss, weight)
         if not torch.isfinite(loss):
@@ -271,7 +231,7 @@ def _predict(model: nn.Module, loader, device, channels_last: bool, amp: bool = 
     model.eval()
     outs = []
     for x, _ in loader:
-        with _autocast(device, amp):
+        with autocast(device, amp):
             outs.append(model(_to_input(x, device, channels_last)).float().cpu())
     return torch.cat(outs)
 
@@ -416,7 +376,7 @@ def _fit_in(cfg: Config, pipeline_name: str, train_items: pd.DataFrame, val_item
         return FoldResult(fold, checkpoint, done["best_epoch"], done["best_metric"], done["history"])
 
     device = resolve_device(t.device)
-    amp = bool(t.amp and device.type == "cuda")
+    amp = amp_enabled(device, t.amp)
     seed_everything(t.seed, t.deterministic)
     train_set, val_set, pre = _datasets(cfg, train_items, val_items)
 
@@ -438,8 +398,7 @@ def _fit_in(cfg: Config, pipeline_name: str, train_items: pd.DataFrame, val_item
 
     torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
     model = build_model(cfg.model.arch, cfg.model.weights, pipeline.head).to(device)
-    # channels_last pays on CUDA (cuDNN, tensor cores); on CPU it measured slower (BatchNorm).
-    channels_last = t.channels_last and device.type == "cuda"
+    channels_last = t.channels_last and channels_last_pays(device, amp)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)

@@ -130,7 +130,8 @@ from optuna.trial import FrozenTrial, TrialState
 from pap_severity.config import Config
 from pap_severity.files import write_json
 from pap_severity.pipelines import get_pipeline
-from pap_severity.training import LOWER_IS_BETTER, STOPPING_METRICS, split_items, train_fold
+from pap_severity.evaluation import LOWER_IS_BETTER, STOPPING_METRICS
+from pap_severity.training import split_items, train_fold
 
 log = logging.getLogger(__name__)
 
