@@ -82,3 +82,17 @@ def test_sample_weights_take_a_weighted_mean():
 def test_balanced_class_weights():
     w = losses.balanced_class_weights(torch.tensor([0, 0, 0, 1]), num_classes=3)
     assert w.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1), 0.0])
+
+
+def test_label_smoothing_by_hand():
+    # uniform logits: CE = ln 5 whatever the smoothing; one-hot-ish logits by hand
+    assert losses.cross_entropy(torch.zeros(1, 5), torch.tensor([0]), label_smoothing=0.3).item() == pytest.approx(
+        math.log(5))
+    logits = torch.log(torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]]))
+    eps = 0.25  # target: 0.8 on class 0, 0.05 elsewhere
+    expected = -(0.8 * math.log(0.6) + 4 * 0.05 * math.log(0.1))
+    assert losses.cross_entropy(logits, torch.tensor([0]), label_smoothing=eps).item() == pytest.approx(expected)
+    # the combined loss smooths its CE term only
+    score = sum((i + 1) * p for i, p in enumerate([0.6, 0.1, 0.1, 0.1, 0.1]))
+    assert losses.combined(logits, torch.tensor([0]), lam=1.0, label_smoothing=eps).item() == pytest.approx(
+        expected + (score - 1) ** 2)

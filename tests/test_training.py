@@ -410,3 +410,28 @@ def test_resume_refuses_a_state_of_other_settings(cells, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         training.train_fold(tiny_config(lr=0.01), "combined", cells["train"], cells["val"], tmp_path / "m.pt",
                             progress=False, resume=True)
+
+
+def test_mixup_pairs_are_a_seeded_permutation_with_the_own_cell_dominant():
+    a = training.mixup_pairs(8, 0.4, np.random.default_rng([0, 1]))
+    b = training.mixup_pairs(8, 0.4, np.random.default_rng([0, 1]))
+    assert a[0].tolist() == b[0].tolist() and a[1] == b[1]
+    assert sorted(a[0].tolist()) == list(range(8)) and 0.5 <= a[1] <= 1.0
+
+
+def test_the_recipe_options_train_and_change_the_model(synth_set, tmp_path):
+    items = training.split_items(synth_set["manifest"], synth_set["splits"])["cv"]
+    train, val = items[items["fold"] != 0], items[items["fold"] == 0]
+    base = Config()
+    base = base.model_copy(update={
+        "model": base.model.model_copy(update={"image_size": 32}),
+        "train": base.train.model_copy(update={"epochs": 1, "batch_size": 16, "device": "cpu", "threads": 1}),
+    })
+    recipe = base.model_copy(update={
+        "augment": base.augment.model_copy(update={"hed": 0.03, "mixup": 0.4}),
+        "loss": base.loss.model_copy(update={"label_smoothing": 0.1}),
+    })
+    plain = training.train_fold(base, "combined", train, val, tmp_path / "plain.pt", progress=False)
+    mixed = training.train_fold(recipe, "combined", train, val, tmp_path / "recipe.pt", progress=False)
+    assert np.isfinite(mixed.history[-1]["train_loss"])
+    assert mixed.history[-1]["train_loss"] != plain.history[-1]["train_loss"]

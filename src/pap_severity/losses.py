@@ -26,8 +26,11 @@ def expected_score(probs: Tensor) -> Tensor:
     return probs @ levels
 
 
-def cross_entropy(logits: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-    return _weighted_mean(F.cross_entropy(logits, target, reduction="none"), sample_weight)
+def cross_entropy(logits: Tensor, target: Tensor, sample_weight: Tensor | None = None,
+                  label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy against the one-hot target, smoothed towards uniform by `label_smoothing`."""
+    per_sample = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
+    return _weighted_mean(per_sample, sample_weight)
 
 
 def score_mse(score: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
@@ -35,10 +38,14 @@ def score_mse(score: Tensor, target: Tensor, sample_weight: Tensor | None = None
     return _weighted_mean((score - (target + 1).to(score.dtype)) ** 2, sample_weight)
 
 
-def combined(logits: Tensor, target: Tensor, lam: float = 1.0, sample_weight: Tensor | None = None) -> Tensor:
-    """The paper's regression constraint: CE(p, y) + lambda * (y_score - sum_i (i+1) p_i)^2."""
+def combined(logits: Tensor, target: Tensor, lam: float = 1.0, sample_weight: Tensor | None = None,
+             label_smoothing: float = 0.0) -> Tensor:
+    """The paper's regression constraint: CE(p, y) + lambda * (y_score - sum_i (i+1) p_i)^2.
+
+    `label_smoothing` smooths the CE term only; the score term keeps the true score."""
     score = expected_score(F.softmax(logits, dim=-1))
-    per_sample = F.cross_entropy(logits, target, reduction="none") + lam * (score - (target + 1).to(score.dtype)) ** 2
+    ce = F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
+    per_sample = ce + lam * (score - (target + 1).to(score.dtype)) ** 2
     return _weighted_mean(per_sample, sample_weight)
 
 

@@ -79,7 +79,7 @@ PIPELINES: dict[str, Pipeline] = {
         Pipeline(
             "classification",
             ClassifierHead,
-            lambda out, y, cfg, w: losses.cross_entropy(out[:, :NUM_CLASSES], y, w),
+            lambda out, y, cfg, w: losses.cross_entropy(out[:, :NUM_CLASSES], y, w, cfg.label_smoothing),
             _softmax_probs,
         ),
         Pipeline(
@@ -92,7 +92,7 @@ PIPELINES: dict[str, Pipeline] = {
         Pipeline(
             "combined",
             ClassifierHead,
-            lambda out, y, cfg, w: losses.combined(out[:, :NUM_CLASSES], y, cfg.lambda_, w),
+            lambda out, y, cfg, w: losses.combined(out[:, :NUM_CLASSES], y, cfg.lambda_, w, cfg.label_smoothing),
             _softmax_probs,
             uses_lambda=True,
         ),

@@ -197,8 +197,16 @@ def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def mixup_pairs(n: int, alpha: float, rng: np.random.Generator) -> tuple[Tensor, float]:
+    """Mixup's partners and weight for a batch of n: a permutation and lam ~ Beta(alpha, alpha),
+    folded to lam >= 0.5 so that each mixed cell stays closest to its own label."""
+    lam = float(rng.beta(alpha, alpha))
+    return torch.from_numpy(rng.permutation(n)), max(lam, 1.0 - lam)
+
+
 def _train_epoch(model, loader, pipeline: Pipeline, cfg: Config, optimizer, scheduler, scaler,
-                 class_weights: Tensor | None, device, amp: bool, channels_last: bool, bar) -> tuple[float, float]:
+                 class_weights: Tensor | None, device, amp: bool, channels_last: bool, bar,
+                 mix_rng: np.random.Generator | None = None) -> tuple[float, float]:
     """One pass over the training cells: (mean loss, learning rate of the last step)."""
     model.train()
     total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
@@ -206,9 +214,16 @@ def _train_epoch(model, loader, pipeline: Pipeline, cfg: Config, optimizer, sche
         x = _to_input(x, device, channels_last)
         y = y.to(device, non_blocking=True)
         weight = class_weights[y] if class_weights is not None else None
+        if mix_rng is not None:
+            partner, lam = mixup_pairs(len(y), cfg.augment.mixup, mix_rng)
+            partner = partner.to(device)
+            x = lam * x + (1 - lam) * x[partner]
         with autocast(device, amp):
             out = model(x)
         loss = pipeline.loss(out.float(), y, cfg.loss, weight)
+        if mix_rng is not None:
+            partner_weight = weight[partner] if weight is not None else None
+            loss = lam * loss + (1 - lam) * pipeline.loss(out.float(), y[partner], cfg.loss, partner_weight)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss.item()}; lower train.lr (now {cfg.train.lr:g})")
         optimizer.zero_grad(set_to_none=True)
@@ -438,8 +453,9 @@ def _fit_in(cfg: Config, pipeline_name: str, train_items: pd.DataFrame, val_item
         while epoch <= epochs and not (val_loader is not None and since_best >= t.patience):
             sampler.set_epoch(epoch)
             _postfix(bar, epoch=f"{epoch}/{epochs}")
+            mix_rng = np.random.default_rng([t.seed, epoch]) if cfg.augment.mixup > 0 else None
             train_loss, lr = _train_epoch(model, train_loader, pipeline, cfg, optimizer, scheduler, scaler,
-                                          loss_weights, device, amp, channels_last, bar)
+                                          loss_weights, device, amp, channels_last, bar, mix_rng)
             if t.scheduler == "cosine":
                 scheduler.step()
             entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}

@@ -96,8 +96,48 @@ def square_resize(image: Image.Image, size: int) -> Image.Image:
     return pad_to_square(to_rgb(image)).resize((size, size), Image.Resampling.BILINEAR)
 
 
+def _to_float() -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+
+
 def _normalise(pre: Preprocess) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+    return v2.Compose([*_to_float(), v2.Normalize(pre.mean, pre.std)])
+
+
+# Ruifrok & Johnston's stain vectors (haematoxylin, eosin, DAB) as rows, as in scikit-image's
+# rgb2hed; OD / -ln(1e-6) puts concentrations on scikit-image's scale (white 0, black 1).
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+_OD_SCALE = -float(np.log(1e-6))
+
+
+def rgb_to_hed(rgb: Tensor) -> Tensor:
+    """[3, H, W] RGB in [0, 1] -> stain concentrations [3, H, W] (scikit-image's rgb2hed, unclipped)."""
+    od = -torch.log(rgb.clamp_min(1e-6)) / _OD_SCALE
+    return torch.einsum("chw,cs->shw", od, HED_FROM_RGB.to(rgb.dtype))
+
+
+def hed_to_rgb(hed: Tensor) -> Tensor:
+    """The inverse of rgb_to_hed, clipped to [0, 1]."""
+    od = torch.einsum("shw,sc->chw", hed, RGB_FROM_HED.to(hed.dtype)) * _OD_SCALE
+    return torch.exp(-od).clamp(0.0, 1.0)
+
+
+class HedJitter(v2.Transform):
+    """Stain augmentation (Tellez et al. 2018): each stain concentration c becomes
+    c * U(1-h, 1+h) + U(-h, h), one draw per stain and image, on an RGB float image."""
+
+    def __init__(self, strength: float) -> None:
+        super().__init__()
+        self.strength = strength
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or inpt.ndim != 3 or not inpt.is_floating_point():
+            return inpt
+        h = self.strength
+        scale = 1 + (torch.rand(3, 1, 1) * 2 - 1) * h
+        shift = (torch.rand(3, 1, 1) * 2 - 1) * h
+        return hed_to_rgb(rgb_to_hed(inpt) * scale + shift)
 
 
 def eval_transform(pre: Preprocess) -> v2.Compose:
@@ -111,7 +151,10 @@ def augment_transform(pre: Preprocess, aug: AugmentConfig) -> v2.Compose:
     if aug.color_jitter > 0:
         j = aug.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=min(j / 4, 0.5)))
-    steps.append(_normalise(pre))
+    steps += _to_float()
+    if aug.hed > 0:
+        steps.append(HedJitter(aug.hed))
+    steps.append(v2.Normalize(pre.mean, pre.std))
     if aug.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if aug.vflip:
