@@ -190,3 +190,26 @@ def test_the_threshold_gives_the_target_referral_rate_on_the_cells_it_was_chosen
 def test_undefined_uncertainties_are_refused_by_name():
     with pytest.raises(ValueError, match="undefined"):
         selective.aurc([1, 0], [0.1, float("nan")])
+
+
+@torch.no_grad()
+def test_members_keep_their_own_normalisation_behind_one_raw_input():
+    from pap_severity.checkpoints import ModelBundle
+    from pap_severity.ensemble import from_bundles
+    from pap_severity.pipelines import get_pipeline
+    from pap_severity.transforms import Preprocess
+
+    pre_a, pre_b = Preprocess(32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)), Preprocess(32, (0.6, 0.5, 0.4), (0.3, 0.25, 0.2))
+    a, b = member(9), member(10)
+    bundles = [ModelBundle(a, get_pipeline("combined"), "resnet18", pre_a),
+               ModelBundle(b, get_pipeline("combined"), "resnet18", pre_b)]
+    model, pre = from_bundles(bundles, tta="none")
+    raw = torch.rand(2, 3, 32, 32)
+    expected = []
+    for net, p in ((a, pre_a), (b, pre_b)):
+        x = (raw - torch.tensor(p.mean).view(1, 3, 1, 1)) / torch.tensor(p.std).view(1, 3, 1, 1)
+        expected.append(net(x)[:, -1])
+    assert pre.mean == (0.0, 0.0, 0.0) and pre.std == (1.0, 1.0, 1.0) and pre.image_size == 32
+    assert torch.allclose(decode(model(raw), "combined").score, (expected[0] + expected[1]) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="share a pipeline"):
+        from_bundles([bundles[0], ModelBundle(a, get_pipeline("sord"), "resnet18", pre_a)])

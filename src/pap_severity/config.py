@@ -128,6 +128,35 @@ class ExplainConfig(Section):
     seed: int = 0
 
 
+class EnsembleConfig(Section):
+    """What is served and registered: the fold ensemble (default) or the single final model."""
+
+    # folds: the k fold models of the cross-validation (its first repeat), averaged;
+    # final: the one model trained on every cv cell.
+    members: Literal["folds", "final"] = "folds"
+    # dihedral8: each cell in its 8 poses (4 rotations by 90 degrees, each mirrored or not).
+    tta: Literal["dihedral8", "none"] = "dihedral8"
+
+
+class ReferralConfig(Section):
+    """When the served model says a cytologist should look: its uncertainty is above a threshold
+    chosen, on the calibration part, so that at most `max_rate` of those cells are referred."""
+
+    max_rate: float = Field(0.2, ge=0.0, le=1.0)
+    measure: Literal["entropy", "score_std", "mutual_info", "disagreement"] = "entropy"
+
+
+class CompareConfig(Section):
+    # The pipeline every other one is compared with, pair by pair over the (repeat, fold) splits.
+    reference: str = "classification"
+
+    @model_validator(mode="after")
+    def _known(self) -> CompareConfig:
+        if self.reference not in PIPELINES:
+            raise ValueError(f"compare.reference {self.reference!r} is not a pipeline; choose from {list(PIPELINES)}")
+        return self
+
+
 class TuneConfig(Section):
     n_trials: int = Field(4, ge=1)
     timeout: float | None = Field(None, gt=0)
@@ -194,6 +223,9 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     explain: ExplainConfig = ExplainConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    referral: ReferralConfig = ReferralConfig()
+    compare: CompareConfig = CompareConfig()
     tune: TuneConfig = TuneConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()

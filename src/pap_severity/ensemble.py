@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from pap_severity.losses import NUM_CLASSES
 from pap_severity.pipelines import Pipeline, get_pipeline, score_to_label
+from pap_severity.transforms import Preprocess
 
 COLUMNS = (*(f"log_p{k}" for k in range(NUM_CLASSES)), "entropy", "score_std", "mutual_info", "disagreement",
            "score")
@@ -102,6 +103,40 @@ class FoldEnsemble(nn.Module):
             score_std = mutual_info = disagreement = torch.full_like(score, float("nan"))
         return torch.cat([log_p, entropy(calibrated)[:, None], score_std[:, None], mutual_info[:, None],
                           disagreement[:, None], score[:, None]], dim=1)
+
+
+class Normalized(nn.Module):
+    """A member with its own input normalisation inside: members trained on different channel
+    statistics (each fold's training cells) then share one input, RGB scaled to [0, 1]."""
+
+    def __init__(self, model: nn.Module, pre: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def raw_input(image_size: int) -> Preprocess:
+    """The ensemble's input: the cell squared and resized, RGB scaled to [0, 1], not normalised."""
+    return Preprocess(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def from_bundles(bundles: Sequence, *, tta: str = "dihedral8", temperature: float = 1.0
+                 ) -> tuple[FoldEnsemble, Preprocess]:
+    """The ensemble of trained bundles (checkpoints.ModelBundle) of one pipeline and image size,
+    and the preprocessing of its input."""
+    if not bundles:
+        raise ValueError("an ensemble needs at least one member model")
+    pipelines = {b.pipeline.name for b in bundles}
+    sizes = {b.preprocess.image_size for b in bundles}
+    if len(pipelines) != 1 or len(sizes) != 1:
+        raise ValueError(f"ensemble members must share a pipeline and an image size, got {pipelines} and {sizes}")
+    members = [Normalized(b.model, b.preprocess).eval() for b in bundles]
+    model = FoldEnsemble(members, pipelines.pop(), tta=tta, temperature=temperature).eval()
+    return model, raw_input(sizes.pop())
 
 
 @dataclass(frozen=True)
