@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pap_severity.config import SplitConfig
-from pap_severity.data.splits import CV, TEST, make_splits, read_splits, write_splits
+from pap_severity.data.splits import CALIB, CV, TEST, make_splits, read_splits, write_splits
 
 
 def manifest(n_per_class=(40, 30, 25, 35, 30), duplicates=0, seed=0):
@@ -24,8 +24,9 @@ def manifest(n_per_class=(40, 30, 25, 35, 30), duplicates=0, seed=0):
 def test_every_labelled_cell_gets_one_part_and_cv_cells_one_fold():
     splits = make_splits(manifest(), SplitConfig(folds=4, test_fraction=0.2, seed=0))
     assert len(splits) == 160
-    assert set(splits["part"]) == {CV, TEST}
-    assert (splits.loc[splits["part"] == TEST, "fold"] == -1).all()
+    assert set(splits["part"]) == {CV, CALIB, TEST}
+    assert (splits.loc[splits["part"] != CV, "fold"] == -1).all()
+    assert splits["part"].eq(CALIB).mean() == pytest.approx(0.1, abs=0.03)
     assert set(splits.loc[splits["part"] == CV, "fold"]) == {0, 1, 2, 3}
     assert splits["part"].eq(TEST).mean() == pytest.approx(0.2, abs=0.03)
 
@@ -70,3 +71,23 @@ def test_round_trip_and_missing_file(tmp_path):
     assert back[["path", "part", "fold"]].equals(splits[["path", "part", "fold"]])
     with pytest.raises(FileNotFoundError, match="pap-severity data split"):
         read_splits(tmp_path / "none.csv")
+
+
+def test_the_calibration_part_leaves_the_test_part_as_it_was_and_keeps_duplicates_together():
+    df = manifest(duplicates=12)
+    without = make_splits(df, SplitConfig(folds=4, test_fraction=0.2, calibration_fraction=0.0, seed=3))
+    with_calib = make_splits(df, SplitConfig(folds=4, test_fraction=0.2, calibration_fraction=0.1, seed=3))
+    assert set(without["part"]) == {CV, TEST}
+    test = lambda s: set(s.loc[s["part"] == TEST, "path"])  # noqa: E731
+    assert test(without) == test(with_calib)
+    calib = with_calib[with_calib["part"] == CALIB]
+    assert not set(calib["path"]) & set(with_calib.loc[with_calib["part"] == CV, "path"])
+    assert with_calib.groupby("sha256")["part"].nunique().max() == 1
+    share = calib["severity"].value_counts(normalize=True).sort_index()
+    overall = df["severity"].value_counts(normalize=True).sort_index()
+    assert np.abs(share - overall).max() < 0.1
+
+
+def test_parts_that_leave_too_little_to_train_on_are_refused_by_name():
+    with pytest.raises(ValueError, match="calibration_fraction"):
+        SplitConfig(test_fraction=0.45, calibration_fraction=0.4)

@@ -185,8 +185,8 @@ def test_overlapping_split_parts_fail():
     by_path.loc["root/light_dysplastic/fold_a.BMP", ["part", "fold"]] = ["cv", 1]
     by_path.loc["root/light_dysplastic/fold_b.BMP", ["part", "fold"]] = ["cv", 2]
     failures = by_name(validate_manifest(manifest, CFG, by_path.reset_index()))
-    assert set(failures) == {"test and cv parts disjoint", "cv folds disjoint"}
-    assert failures["test and cv parts disjoint"].files == [
+    assert set(failures) == {"test, calibration and cv parts disjoint", "cv folds disjoint"}
+    assert failures["test, calibration and cv parts disjoint"].files == [
         "root/normal_columnar/leak_a.BMP", "root/normal_columnar/leak_b.BMP"]
     assert failures["cv folds disjoint"].files == [
         "root/light_dysplastic/fold_a.BMP", "root/light_dysplastic/fold_b.BMP"]

@@ -50,7 +50,17 @@ class SynthConfig(Section):
 class SplitConfig(Section):
     folds: int = Field(4, ge=2)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    # Held out from training like the test part, for the served model's temperature and
+    # referral threshold; 0 leaves the served model uncalibrated (the ensemble stage refuses).
+    calibration_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _parts(self) -> SplitConfig:
+        if self.test_fraction + self.calibration_fraction >= 0.8:
+            raise ValueError("split.test_fraction + split.calibration_fraction leave under 20% of the cells "
+                             "to train on; lower them")
+        return self
 
 
 class ModelConfig(Section):

@@ -600,7 +600,8 @@ def predict_items(bundle: ModelBundle, items: pd.DataFrame, batch_size: int = 64
 
 
 def split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The cv and test rows of splits (path, sha256 when present, severity, part, fold), checked against the manifest."""
+    """The cv, calib and test rows of splits (path, sha256 when present, severity, part, fold), checked
+    against the manifest; a part the splits lack is an empty frame."""
     missing = {"path", "severity", "part", "fold"} - set(splits.columns)
     if missing:
         raise ValueError(f"splits table lacks columns {sorted(missing)}")
@@ -613,7 +614,7 @@ def split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.Da
     rows = splits.loc[:, [c for c in ("path", "sha256", "severity", "part", "fold") if c in splits.columns]].copy()
     rows["severity"] = rows["severity"].astype(int)
     rows["fold"] = rows["fold"].astype(int)
-    parts = {part: rows[rows["part"] == part].reset_index(drop=True) for part in ("cv", "test")}
+    parts = {part: rows[rows["part"] == part].reset_index(drop=True) for part in ("cv", "calib", "test")}
     if parts["cv"].empty:
         raise ValueError("the splits hold no cv cells to train on")
     return parts
@@ -648,7 +649,7 @@ def cross_validate(
     validation fold and on the held-out test part.
 
     Writes under `out_dir/<pipeline>/`: `fold<k>.pt` (bundles), `predictions.csv` (columns
-    pipeline, fold, part (val|test), path, severity, pred, score, p0..p4: returned too),
+    pipeline, fold, part (val|calib|test), path, severity, pred, score, p0..p4: returned too),
     `training.json` (per fold: best epoch, metrics, history) and, with a tracker
     (tracking.Tracker), `mlflow_runs.json` (parent and fold run ids, model URIs).
     `resume=True` reuses finished folds and continues an interrupted one, in the same
@@ -656,7 +657,7 @@ def cross_validate(
     """
     get_pipeline(pipeline)
     parts = split_items(manifest, splits)
-    cv, test = parts["cv"], parts["test"]
+    cv, calib, test = parts["cv"], parts["calib"], parts["test"]
     folds = sorted(int(k) for k in cv["fold"].unique() if k >= 0)
     if len(folds) < 2:
         raise ValueError(f"the splits hold {len(folds)} cv fold(s); cross-validation needs at least 2")
@@ -674,7 +675,7 @@ def cross_validate(
                                     resume=resume, progress=progress, fold=k, tracker=tracker)
                 bundle, _ = load_bundle(result.checkpoint, map_location=device)
                 metrics = {}
-                for part, items in (("val", val_items), ("test", test)):
+                for part, items in (("val", val_items), ("calib", calib), ("test", test)):
                     if items.empty:
                         continue
                     table = predict_items(bundle, items)

@@ -44,7 +44,7 @@ MANIFEST_COLUMNS = (
     "mask_error",
 )
 SPLITS_COLUMNS = ("path", "sha256", "part", "fold")
-SPLIT_PARTS = ("cv", "test")
+SPLIT_PARTS = ("cv", "calib", "test")
 RESULT_FILE = "validation.json"
 DOCS_DIR = "data_docs"
 SUITE_NAME = "manifest"
@@ -277,9 +277,9 @@ def _checks(cfg: DataConfig, with_splits: bool) -> list[_Check]:
         checks += [
             _Check(
                 "split_parts_disjoint",
-                "test and cv parts disjoint",
+                "test, calibration and cv parts disjoint",
                 E.ExpectColumnValuesToBeBetween(column="split_parts_per_sha256", max_value=1),
-                lambda files, t, r: f"{len(files)} file(s) share a sha256 between the test and the cv part: "
+                lambda files, t, r: f"{len(files)} file(s) share a sha256 between two parts (test, calib, cv): "
                 f"{_examples(files)}; rebuild the splits with `pap-severity data split`",
             ),
             _Check(

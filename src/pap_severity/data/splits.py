@@ -1,4 +1,9 @@
-"""Seeded, stratified splits: k cross-validation folds plus a held-out test part.
+"""Seeded, stratified splits: k cross-validation folds, a calibration part, a held-out test part.
+
+The test part is drawn first (the same cells whatever the other settings), then the calibration
+part from the rest: cells no model trains or early-stops on, where the served model's temperature
+and referral threshold are fitted (a temperature fitted on single fold models' out-of-fold cells
+does not transfer to their average). The remaining cells form the cv folds.
 
 Cells with the same sha256 are one group, so an image and its duplicate always
 land in the same part and fold: no leakage through copies.
@@ -16,6 +21,7 @@ from pap_severity.config import SplitConfig
 
 TEST = "test"
 CV = "cv"
+CALIB = "calib"
 
 
 def make_splits(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
@@ -37,6 +43,13 @@ def make_splits(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     cv_idx, test_idx = next(outer.split(np.zeros(len(df)), y, groups))
     part = np.full(len(df), CV, dtype=object)
     part[test_idx] = TEST
+    if cfg.calibration_fraction > 0:
+        share = cfg.calibration_fraction / (1 - cfg.test_fraction)  # of the cells left
+        calib_splits = max(2, round(1 / share))
+        picker = StratifiedGroupKFold(n_splits=calib_splits, shuffle=True, random_state=cfg.seed)
+        keep, calib = next(picker.split(np.zeros(len(cv_idx)), y[cv_idx], groups[cv_idx]))
+        part[cv_idx[calib]] = CALIB
+        cv_idx = cv_idx[keep]
     fold = np.full(len(df), -1, dtype=int)
     inner = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
     for k, (_, val) in enumerate(inner.split(np.zeros(len(cv_idx)), y[cv_idx], groups[cv_idx])):
