@@ -29,7 +29,7 @@ def _probs(probs) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != NUM_CLASSES:
         raise ValueError(f"expected probabilities [N, {NUM_CLASSES}], got {probs.shape}")
-    return probs
+    return probs / probs.sum(axis=1, keepdims=True)  # float32 rounding: rows sum to 1 within 1e-7
 
 
 def ece(y_true, probs, n_bins: int = ECE_BINS) -> float:
@@ -39,7 +39,7 @@ def ece(y_true, probs, n_bins: int = ECE_BINS) -> float:
 
     probs = _probs(probs)
     value = multiclass_calibration_error(torch.as_tensor(probs, dtype=torch.float64),
-                                         torch.as_tensor(np.asarray(y_true, dtype=np.int64)),
+                                         torch.tensor(np.asarray(y_true, dtype=np.int64)),
                                          num_classes=NUM_CLASSES, n_bins=n_bins, norm="l1")
     return float(value)
 

@@ -250,6 +250,23 @@ def train_final(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params
                f"accuracy {_fmt(m['accuracy'])}, mean AUC {_fmt(m['mean_auc'])}, score MSE {_fmt(m['mse'])}")
 
 
+@app.command("ensemble")
+@clean_errors
+def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """The served model (fold ensemble or final model) calibrated, with its referral threshold; every candidate on the test part."""
+    from pap_severity import stages
+    from pap_severity.pipelines import get_pipeline
+
+    get_pipeline(pipeline)
+    result = stages.ensemble(_config(params), pipeline, best_params=best_params)
+    m = result["metrics"]
+    for name, row in m["rows"].items():
+        accuracy = row["accuracy"]["mean"] if isinstance(row["accuracy"], dict) else row["accuracy"]
+        ece = row["ece_calibrated"]["mean"] if isinstance(row["ece_calibrated"], dict) else row["ece_calibrated"]
+        served = " (served)" if name == m["served"] else ""
+        typer.echo(f"{pipeline} {name:<13} test accuracy {_fmt(accuracy)}, ECE after temperature {_fmt(ece)}{served}")
+
+
 @app.command("explain")
 @clean_errors
 def explain(pipeline: PipelineOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:

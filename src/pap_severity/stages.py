@@ -25,6 +25,9 @@ FINAL = Path("models/final")
 FINAL_METRICS = Path("metrics/final")
 EXPLAIN = Path("reports/explain")
 REGISTRY = Path("reports/registry.json")
+ENSEMBLE = Path("models/ensemble")
+ENSEMBLE_METRICS = Path("metrics/ensemble")
+TRUST_FIGURES = Path("reports/trust")
 
 
 def settings(cfg: Config) -> dict:
@@ -130,6 +133,34 @@ def compare(cfg: Config, *, metrics: Path = METRICS, out: Path = COMPARISON, fig
     if missing:
         raise FileNotFoundError(f"no metrics for {', '.join(missing)}; run `dvc repro evaluate` first")
     return evaluation.compare(files, out.with_suffix(".md"), out.with_suffix(".json"), figures / "auc_per_fold.png")
+
+
+def ensemble(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
+             models: Path = MODELS, final: Path = FINAL, best_params: Path | None = None,
+             out: Path = ENSEMBLE, metrics: Path = ENSEMBLE_METRICS, figures: Path = TRUST_FIGURES) -> dict:
+    """The served model of a pipeline (fold ensemble or final model, with its temperature and
+    referral threshold from the calibration part) and every candidate measured on the test part.
+
+    Writes models/ensemble/<pipeline>.json (what registration and explanation load),
+    models/ensemble/<pipeline>.predictions.csv, metrics/ensemble/<pipeline>.json and the
+    reliability and risk-coverage figures (PNG, and CSV for `dvc plots`) under reports/trust/<pipeline>/."""
+    import pandas as pd
+
+    from pap_severity import trust
+    from pap_severity.training import PREDICTIONS_FILE, fold_checkpoint, pipeline_dir, split_items
+
+    cfg = tuned(cfg, best_params)
+    table, split_table, source = _data(manifest, splits)
+    parts = split_items(table, split_table)
+    predictions_csv = pipeline_dir(models, pipeline) / PREDICTIONS_FILE
+    if not predictions_csv.is_file():
+        raise FileNotFoundError(f"{predictions_csv}: no predictions; run `pap-severity train --pipeline {pipeline}`")
+    folds = sorted(int(k) for k in parts["cv"]["fold"].unique())
+    result = trust.evaluate_candidates(cfg, pipeline, [fold_checkpoint(models, pipeline, k) for k in folds],
+                                       final / f"{pipeline}.pt", pd.read_csv(predictions_csv), parts["calib"],
+                                       parts["test"])
+    return trust.write_outputs(result, pipeline, source, settings(cfg), out / f"{pipeline}.json",
+                               out / f"{pipeline}.predictions.csv", metrics / f"{pipeline}.json", figures)
 
 
 def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
