@@ -47,12 +47,16 @@ def cell(class_name: str, stem: str, **overrides) -> dict:
         "mask_error": "",
     }
     row.update(overrides)
+    # The mask has its image's size unless a test says otherwise.
+    row.setdefault("mask_width", row["width"])
+    row.setdefault("mask_height", row["height"])
     return row
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    return df.astype({"severity": "Int64", "abnormal": "boolean", "width": "Int64", "height": "Int64"})
+    return df.astype({"severity": "Int64", "abnormal": "boolean", "width": "Int64", "height": "Int64",
+                      "mask_width": "Int64", "mask_height": "Int64"})
 
 
 def clean_rows(per_class: int = 2) -> list[dict]:
@@ -95,6 +99,10 @@ FAULTS = {
         ["root/light_dysplastic/badmask.BMP"]),
     "every mask holds a nucleus": (
         [cell(CIS, "nonucleus", nucleus_fraction=0.0)], ["root/carcinoma_in_situ/nonucleus.BMP"]),
+    # Issue 13.1: a mask that is not the size of its image; the manifest left its fractions empty.
+    "every mask has its image's size": (
+        [cell(CIS, "smallmask", mask_width=20, mask_height=30, **NO_FRACTIONS)],
+        ["root/carcinoma_in_situ/smallmask.BMP"]),
     "no image shared by two classes": (
         [cell(NC, "copy", sha256=_sha("dup")), cell(CIS, "copy", sha256=_sha("dup"))],
         ["root/normal_columnar/copy.BMP", "root/carcinoma_in_situ/copy.BMP"],
@@ -134,6 +142,7 @@ def test_detail_says_what_is_wrong(faulty_report):
     assert "truncated image" in failures["every image decodes"].detail
     assert "misc" in failures["known class set"].detail
     assert "5000x48" in failures["image width within [16, 256] px"].detail
+    assert "mask 20x30 px, image 64x48 px" in failures["every mask has its image's size"].detail
 
 
 def test_one_file_failing_two_checks_is_named_by_both():
