@@ -63,10 +63,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, message):
     assert "Traceback" not in res.output
 
 
-def test_a_wrong_params_value_names_the_key(tmp_path):
-    (tmp_path / "p.yaml").write_text("split:\n  folds: 1\n")
+@pytest.mark.parametrize("key, value", [("folds", 1), ("repeats", 0)])
+def test_a_wrong_params_value_names_the_key(tmp_path, key, value):
+    (tmp_path / "p.yaml").write_text(f"split:\n  {key}: {value}\n")
     res = run("data", "split", tmp_path / "m.csv", "--params", tmp_path / "p.yaml")
-    assert res.exit_code == 2 and "split.folds" in res.output
+    assert res.exit_code == 2 and f"split.{key}" in res.output
 
 
 def test_links_that_lead_nowhere_are_named_by_manifest_and_validate(tiny_herlev, tmp_path):

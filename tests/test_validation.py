@@ -302,3 +302,29 @@ def test_real_herlev_passes(herlev_40px, tmp_path):
     assert report.success, report.failures
     assert report.class_counts == HERLEV_COUNTS
     assert report.to_dict()["n_cells"] == sum(HERLEV_COUNTS.values())
+
+
+def test_repeated_splits_pass_and_a_leak_within_one_repeat_fails():
+    """Issue 12: folds are judged within each repeat, parts across all of them."""
+    from pap_severity.config import SplitConfig
+    from pap_severity.data.splits import make_splits
+
+    manifest = frame(clean_rows(per_class=6))
+    splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.2, repeats=3, seed=0))
+    assert validate_manifest(manifest, CFG, splits).success
+
+    cv0 = splits[(splits["repeat"] == 1) & (splits["part"] == "cv")]
+    a, b = cv0[cv0["fold"] == 0].index[0], cv0[cv0["fold"] == 1].index[0]
+    leaky = splits.copy()
+    leaky.loc[b, "sha256"] = leaky.loc[a, "sha256"]  # one image in two folds of repeat 1
+    failures = by_name(validate_manifest(manifest, CFG, leaky))
+    assert list(failures) == ["cv folds disjoint"]
+    assert leaky.loc[a, "path"] in failures["cv folds disjoint"].files
+
+    test_path = splits.loc[splits["part"] == "test", "path"].iloc[0]
+    moved = splits.copy()
+    in_repeat_2 = (moved["path"] == test_path) & (moved["repeat"] == 2)
+    moved.loc[in_repeat_2, ["part", "fold"]] = ["cv", 0]  # test in repeats 0 and 1, cv in repeat 2
+    failures = by_name(validate_manifest(manifest, CFG, moved))
+    assert list(failures) == ["test and cv parts disjoint"]
+    assert failures["test and cv parts disjoint"].files == [test_path]

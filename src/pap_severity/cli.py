@@ -133,10 +133,11 @@ def data_split(
     cfg = _config(params)
     splits = make_splits(read_manifest(manifest), cfg.split)
     write_splits(splits, out)
-    table = splits.groupby(["part", "fold"]).size()
-    typer.echo(f"{len(splits)} cells -> {out}")
-    for (part, fold), n in table.items():
-        typer.echo(f"  {part:<4} fold {fold:>2}: {n}")
+    repeats = splits["repeat"].nunique()
+    typer.echo(f"{splits['path'].nunique()} cells, {repeats} repeat(s) -> {out}")
+    for (repeat, part, fold), n in splits.groupby(["repeat", "part", "fold"]).size().items():
+        if part == "cv" or repeat == 0:  # the test part is the same in every repeat
+            typer.echo(f"  {f'repeat {repeat} ' if repeats > 1 else ''}{part:<4} fold {fold:>2}: {n}")
 
 
 @data_app.command("validate")

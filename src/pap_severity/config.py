@@ -51,6 +51,9 @@ class SplitConfig(Section):
     folds: int = Field(4, ge=2)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     seed: int = 0
+    # Repeated k-fold: each repeat deals the cv cells into `folds` folds with its own seed; the
+    # held-out test part is the same for every repeat. 1 is plain k-fold.
+    repeats: int = Field(1, ge=1)
 
 
 class ModelConfig(Section):
