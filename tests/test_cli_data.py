@@ -1,8 +1,11 @@
 """The `pap-severity data ...` commands, end to end through the CLI."""
 
 import json
+import os
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -60,10 +63,51 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, message):
     assert "Traceback" not in res.output
 
 
-def test_a_wrong_params_value_names_the_key(tmp_path):
-    (tmp_path / "p.yaml").write_text("split:\n  folds: 1\n")
+@pytest.mark.parametrize("key, value", [("folds", 1), ("repeats", 0)])
+def test_a_wrong_params_value_names_the_key(tmp_path, key, value):
+    (tmp_path / "p.yaml").write_text(f"split:\n  {key}: {value}\n")
     res = run("data", "split", tmp_path / "m.csv", "--params", tmp_path / "p.yaml")
-    assert res.exit_code == 2 and "split.folds" in res.output
+    assert res.exit_code == 2 and f"split.{key}" in res.output
+
+
+def test_links_that_lead_nowhere_are_named_by_manifest_and_validate(tiny_herlev, tmp_path):
+    """Issue 13.5: a symlink loop, a dangling link and a pipe: named, no traceback, good cells kept."""
+    folder = next(tiny_herlev.rglob("normal_columnar"))
+    (folder / "loop-a.BMP").symlink_to("loop-b.BMP")
+    (folder / "loop-b.BMP").symlink_to("loop-a.BMP")
+    (folder / "dangling.BMP").symlink_to("gone.BMP")
+    os.mkfifo(folder / "pipe.BMP")
+    bad = [(folder / name).as_posix() for name in ("loop-a.BMP", "loop-b.BMP", "dangling.BMP", "pipe.BMP")]
+
+    manifest = tmp_path / "manifest.csv"
+    res = run("data", "manifest", tiny_herlev, "--out", manifest)
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    assert all(f"warning: {path}: " in res.output for path in bad)
+    df = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    assert len(df) == 60 and (df["image_error"] == "").sum() == 56
+
+    res = run("data", "validate", tiny_herlev)
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    named = {line.strip() for line in res.output.splitlines() if line.startswith("  /")}
+    assert set(bad) <= named
+    assert "symbolic link loop" in res.output and "dangling symbolic link" in res.output
+
+
+def test_validate_lists_20_files_per_failure_then_counts_the_rest(tiny_herlev, tmp_path):
+    """Issue 15: 56 cells without masks: 20 named, then where the other 36 are listed."""
+    for mask in tiny_herlev.rglob("*-d.bmp"):
+        mask.unlink()
+    res = run("data", "validate", tiny_herlev, "--out", tmp_path / "val")
+    assert res.exit_code == 1
+    named = [line for line in res.output.splitlines() if line.startswith("  /")]
+    assert len(named) == 20
+    assert f"  ... and 36 more; full list in {tmp_path / 'val' / 'validation.json'}" in res.output
+    listed = json.loads((tmp_path / "val" / "validation.json").read_text())["failures"][0]["files"]
+    assert len(listed) == 56 and {line.strip() for line in named} <= set(listed)
+    res = run("data", "validate", tiny_herlev)
+    assert "  ... and 36 more; --out DIR writes the full list" in res.output
 
 
 @pytest.mark.herlev
@@ -91,3 +135,37 @@ def test_damaged_herlev_copy_fails_naming_exactly_the_damaged_files(herlev_40px,
     assert res.exit_code == 1
     named = {line.strip() for line in res.output.splitlines() if line.startswith("  /")}
     assert named == {p.as_posix() for p in (truncated, unmasked, original, duplicate)}
+
+
+@pytest.mark.herlev
+def test_herlev_jpg_validation_names_20_files_not_917(herlev_jpg):
+    """Issue 15: herlev-jpg has no masks; the output stays readable."""
+    res = run("data", "validate", herlev_jpg)
+    assert res.exit_code == 1
+    assert len(res.output.splitlines()) < 60, len(res.output.splitlines())
+    assert "  ... and 897 more; --out DIR writes the full list" in res.output
+
+
+@pytest.mark.herlev
+def test_a_mask_of_the_wrong_size_fails_validation_on_a_herlev_copy(herlev_40px, tmp_path):
+    """Issue 13.1: a 20x30 -d.bmp beside a 40x40 cell passed validation and got fractions of 0.1217."""
+    from PIL import Image
+
+    copy = tmp_path / "herlev"
+    shutil.copytree(herlev_40px, copy)
+    cell = sorted((copy / "moderate_dysplastic").glob("*.BMP"))[0]
+    mask = cell.with_name(f"{cell.stem}-d.bmp")
+    with Image.open(mask) as m:
+        m.resize((20, 30), Image.Resampling.NEAREST).save(mask)
+
+    res = run("data", "validate", copy)
+    assert res.exit_code == 1, res.output
+    assert "every mask has its image's size" in res.output and "mask 20x30 px, image 40x40 px" in res.output
+    named = {line.strip() for line in res.output.splitlines() if line.startswith("  /")}
+    assert named == {cell.as_posix()}
+
+    res = run("data", "manifest", copy, "--out", tmp_path / "manifest.csv")
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(tmp_path / "manifest.csv").set_index("path").loc[cell.as_posix()]
+    assert np.isnan(row["nucleus_fraction"]) and np.isnan(row["cytoplasm_fraction"])
+    assert (row["mask_width"], row["mask_height"]) == (20, 30)

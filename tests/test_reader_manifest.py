@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -120,3 +121,120 @@ def test_real_herlev_jpg_has_917_cells_without_masks(herlev_jpg):
     counts = pd.Series([c.class_name for c in cells]).value_counts().to_dict()
     assert counts == HERLEV_COUNTS
     assert all(c.mask is None for c in cells)
+
+
+def _row(df: pd.DataFrame, path) -> pd.Series:
+    return df.set_index("path").loc[path.as_posix()]
+
+
+def test_a_mask_of_another_size_than_its_image_gets_no_fractions(tiny_herlev):
+    """Issue 13.1: the fractions of a 20x30 mask beside a 32x32 cell describe some other cell."""
+    from pap_severity.data.masks import CYTOPLASM, NUCLEUS, encode_mask
+
+    folder = next(tiny_herlev.rglob("light_dysplastic"))
+    victim = sorted(folder.glob("*.BMP"))[0]
+    codes = np.full((30, 20), CYTOPLASM, np.uint8)
+    codes[10:20, 5:15] = NUCLEUS
+    encode_mask(codes).save(folder / f"{victim.stem}-d.bmp")
+    df = build_manifest(tiny_herlev, progress=False)
+    row = _row(df, victim)
+    assert pd.isna(row.nucleus_fraction) and pd.isna(row.cytoplasm_fraction)
+    assert (row.width, row.height, row.mask_width, row.mask_height) == (32, 32, 20, 30)
+    assert row.mask_error == ""
+    others = df[df["path"] != victim.as_posix()]
+    assert others["nucleus_fraction"].notna().all()
+    assert ((others["mask_width"] == others["width"]) & (others["mask_height"] == others["height"])).all()
+
+
+def _break_links(folder):
+    """A symlink loop, a dangling link, a named pipe, a 0-byte file and a dangling mask link in folder."""
+    import os
+
+    (folder / "loop-a.BMP").symlink_to("loop-b.BMP")
+    (folder / "loop-b.BMP").symlink_to("loop-a.BMP")
+    (folder / "dangling.BMP").symlink_to("gone.BMP")
+    os.mkfifo(folder / "pipe.BMP")
+    (folder / "empty.BMP").write_bytes(b"")
+    masked = write_cell(folder, "maskgone", seed=77)
+    (folder / "maskgone-d.bmp").unlink()
+    (folder / "maskgone-d.bmp").symlink_to("nowhere-d.bmp")
+    return masked
+
+
+def test_links_that_lead_nowhere_and_pipes_are_named_and_every_good_cell_kept(tiny_herlev):
+    """Issue 13.5: a symlink loop, a dangling link or a pipe is an error on its own row, not a crash."""
+    folder = next(tiny_herlev.rglob("normal_columnar"))
+    masked = _break_links(folder)
+    df = build_manifest(tiny_herlev, progress=False)
+    errors = df.set_index("path")["image_error"]
+    assert "symbolic link loop" in errors[(folder / "loop-a.BMP").as_posix()]
+    assert "symbolic link loop" in errors[(folder / "loop-b.BMP").as_posix()]
+    assert "dangling symbolic link" in errors[(folder / "dangling.BMP").as_posix()]
+    assert "gone.BMP" in errors[(folder / "dangling.BMP").as_posix()]
+    assert "not a regular file" in errors[(folder / "pipe.BMP").as_posix()]
+    assert "empty file" in errors[(folder / "empty.BMP").as_posix()]
+    row = _row(df, masked)
+    assert row.image_error == "" and "dangling symbolic link" in row.mask_error
+    good = df[(df["image_error"] == "") & (df["mask_error"] == "")]
+    assert len(good) == 56 and good["sha256"].str.fullmatch("[0-9a-f]{64}").all()
+    assert len(df) == 56 + 6
+
+
+def _sideways_jpeg(path, mask_path=None):
+    """A 40x20 JPEG whose EXIF orientation 6 says: turn 90 degrees clockwise to view (20 wide, 40 high)."""
+    from PIL import Image
+
+    from pap_severity.data.masks import CYTOPLASM, NUCLEUS, encode_mask
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (200, 30, 30)  # left half red as stored: the top half once upright
+    stored[:, 20:] = (30, 30, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif)
+    if mask_path is not None:
+        codes = np.full((40, 20), CYTOPLASM, np.uint8)  # drawn on the upright cell: 20 wide, 40 high
+        codes[:10] = NUCLEUS
+        encode_mask(codes).save(mask_path)
+    return path
+
+
+def test_exif_orientation_is_applied_wherever_cells_are_read(tmp_path):
+    """Issue 13.2: the manifest, the mask check and the training Dataset see the cell as a viewer does."""
+    import torch
+    from PIL import Image, ImageOps
+
+    from pap_severity.data.dataset import CellDataset
+    from pap_severity.transforms import Preprocess, eval_transform
+
+    folder = tmp_path / "carcinoma_in_situ"
+    folder.mkdir()
+    jpeg = _sideways_jpeg(folder / "turned.jpg", folder / "turned-d.bmp")
+    with Image.open(jpeg) as raw:
+        assert raw.size == (40, 20)
+        viewed = ImageOps.exif_transpose(raw)
+
+    row = build_manifest(tmp_path, progress=False).iloc[0]
+    assert (row.width, row.height) == (20, 40)
+    assert (row.mask_width, row.mask_height) == (20, 40) and row.nucleus_fraction == pytest.approx(0.25)
+
+    pre = Preprocess(image_size=24, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x, _ = CellDataset([jpeg.as_posix()], [4], pre)[0]
+    torch.testing.assert_close(x, eval_transform(pre)(viewed))
+
+    from pap_severity.data.reader import open_image  # what explain and the Dataset read through
+
+    image = open_image(jpeg)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(viewed))
+    top, bottom = np.asarray(image)[5, 10], np.asarray(image)[35, 10]
+    assert top[0] > 150 > bottom[0] and bottom[2] > 150  # red on top: turned clockwise, as the tag says
+
+
+def test_dataset_errors_name_the_file(tmp_path):
+    from pap_severity.data.dataset import CellDataset
+    from pap_severity.transforms import Preprocess
+
+    (tmp_path / "loop.BMP").symlink_to("loop.BMP")
+    pre = Preprocess(image_size=24, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    with pytest.raises(ValueError, match=r"loop\.BMP: symbolic link loop"):
+        CellDataset([(tmp_path / "loop.BMP").as_posix()], [0], pre)

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pap_severity.config import SplitConfig
-from pap_severity.data.splits import CALIB, CV, TEST, make_splits, read_splits, write_splits
+from pap_severity.data.splits import CALIB, CV, TEST, cv_pairs, held_out, make_splits, read_splits, write_splits
 
 
 def manifest(n_per_class=(40, 30, 25, 35, 30), duplicates=0, seed=0):
@@ -91,3 +91,86 @@ def test_the_calibration_part_leaves_the_test_part_as_it_was_and_keeps_duplicate
 def test_parts_that_leave_too_little_to_train_on_are_refused_by_name():
     with pytest.raises(ValueError, match="calibration_fraction"):
         SplitConfig(test_fraction=0.45, calibration_fraction=0.4)
+
+
+# Repeated k-fold (issue 12): one row per (cell, repeat).
+
+REPEATED = SplitConfig(folds=4, test_fraction=0.2, seed=5, repeats=3)
+
+
+@pytest.fixture(scope="module")
+def repeated():
+    return make_splits(manifest(duplicates=20), REPEATED)
+
+
+def test_each_repeat_is_a_complete_split_of_every_cell(repeated):
+    assert sorted(repeated["repeat"].unique()) == [0, 1, 2]
+    cells = manifest(duplicates=20)["path"]
+    for _, rows in repeated.groupby("repeat"):
+        assert sorted(rows["path"]) == sorted(cells)  # each cell once per repeat
+        cv = rows[rows["part"] == CV]
+        assert sorted(cv["fold"].unique()) == [0, 1, 2, 3]  # so each cv cell in exactly one fold
+
+
+def test_the_test_part_is_the_same_in_every_repeat_and_never_in_a_fold(repeated):
+    test_sets = [frozenset(rows.loc[rows["part"] == TEST, "path"]) for _, rows in repeated.groupby("repeat")]
+    assert len(set(test_sets)) == 1 and len(test_sets[0]) > 0
+    assert (repeated.loc[repeated["part"] == TEST, "fold"] == -1).all()
+    assert repeated.groupby("path")["part"].nunique().max() == 1
+    single = make_splits(manifest(duplicates=20), SplitConfig(folds=4, test_fraction=0.2, seed=5))
+    assert set(single.loc[single["part"] == TEST, "path"]) == test_sets[0]
+
+
+def test_repeats_deal_different_folds(repeated):
+    folds = repeated[repeated["part"] == CV].pivot(index="path", columns="repeat", values="fold")
+    for a in range(3):
+        for b in range(a + 1, 3):
+            together_a = folds[a].to_numpy()[:, None] == folds[a].to_numpy()[None, :]
+            together_b = folds[b].to_numpy()[:, None] == folds[b].to_numpy()[None, :]
+            assert (together_a != together_b).mean() > 0.1, f"repeats {a} and {b} group the cells alike"
+
+
+def test_duplicates_stay_together_in_every_repeat(repeated):
+    assert (repeated.groupby(["repeat", "sha256"])[["part", "fold"]].nunique() == 1).all().all()
+
+
+def test_repeat_zero_is_the_plain_split_and_one_repeat_has_only_repeat_zero():
+    df = manifest()
+    single = make_splits(df, SplitConfig(folds=4, seed=5))
+    assert (single["repeat"] == 0).all()
+    three = make_splits(df, SplitConfig(folds=4, seed=5, repeats=3))
+    pd.testing.assert_frame_equal(three[three["repeat"] == 0].reset_index(drop=True), single)
+
+
+def test_cv_pairs_walk_every_fold_of_every_repeat_without_the_test_part(repeated):
+    pairs = list(cv_pairs(repeated))
+    assert [(r, k) for r, k, _, _ in pairs] == [(r, k) for r in range(3) for k in range(4)]
+    test = set(held_out(repeated)["path"])
+    for r, k, train, val in pairs:
+        assert (val["fold"] == k).all() and (train["fold"] != k).all()
+        assert (train["repeat"] == r).all() and (val["repeat"] == r).all()
+        assert not set(train["path"]) & set(val["path"])
+        assert not (set(train["path"]) | set(val["path"])) & test
+        assert not set(train["sha256"]) & set(val["sha256"])
+    for r in range(3):
+        vals = [set(val["path"]) for rr, _, _, val in pairs if rr == r]
+        assert sum(map(len, vals)) == len(set().union(*vals))  # every cv cell validated once per repeat
+
+
+def test_held_out_gives_each_test_cell_once(repeated):
+    test = held_out(repeated)
+    assert test["path"].is_unique
+    assert set(test["path"]) == set(repeated.loc[repeated["part"] == TEST, "path"])
+
+
+def test_a_splits_file_from_before_repeats_reads_as_repeat_zero(tmp_path):
+    old = make_splits(manifest(), SplitConfig()).drop(columns="repeat")
+    old.to_csv(tmp_path / "old.csv", index=False)
+    back = read_splits(tmp_path / "old.csv")
+    assert (back["repeat"] == 0).all()
+    assert [(r, k) for r, k, _, _ in cv_pairs(back)] == [(0, k) for k in range(4)]
+
+
+def test_repeats_below_one_are_refused():
+    with pytest.raises(ValueError, match="repeats"):
+        SplitConfig(repeats=0)

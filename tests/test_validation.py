@@ -47,12 +47,16 @@ def cell(class_name: str, stem: str, **overrides) -> dict:
         "mask_error": "",
     }
     row.update(overrides)
+    # The mask has its image's size unless a test says otherwise.
+    row.setdefault("mask_width", row["width"])
+    row.setdefault("mask_height", row["height"])
     return row
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
-    return df.astype({"severity": "Int64", "abnormal": "boolean", "width": "Int64", "height": "Int64"})
+    return df.astype({"severity": "Int64", "abnormal": "boolean", "width": "Int64", "height": "Int64",
+                      "mask_width": "Int64", "mask_height": "Int64"})
 
 
 def clean_rows(per_class: int = 2) -> list[dict]:
@@ -95,6 +99,10 @@ FAULTS = {
         ["root/light_dysplastic/badmask.BMP"]),
     "every mask holds a nucleus": (
         [cell(CIS, "nonucleus", nucleus_fraction=0.0)], ["root/carcinoma_in_situ/nonucleus.BMP"]),
+    # Issue 13.1: a mask that is not the size of its image; the manifest left its fractions empty.
+    "every mask has its image's size": (
+        [cell(CIS, "smallmask", mask_width=20, mask_height=30, **NO_FRACTIONS)],
+        ["root/carcinoma_in_situ/smallmask.BMP"]),
     "no image shared by two classes": (
         [cell(NC, "copy", sha256=_sha("dup")), cell(CIS, "copy", sha256=_sha("dup"))],
         ["root/normal_columnar/copy.BMP", "root/carcinoma_in_situ/copy.BMP"],
@@ -134,6 +142,7 @@ def test_detail_says_what_is_wrong(faulty_report):
     assert "truncated image" in failures["every image decodes"].detail
     assert "misc" in failures["known class set"].detail
     assert "5000x48" in failures["image width within [16, 256] px"].detail
+    assert "mask 20x30 px, image 64x48 px" in failures["every mask has its image's size"].detail
 
 
 def test_one_file_failing_two_checks_is_named_by_both():
@@ -293,3 +302,29 @@ def test_real_herlev_passes(herlev_40px, tmp_path):
     assert report.success, report.failures
     assert report.class_counts == HERLEV_COUNTS
     assert report.to_dict()["n_cells"] == sum(HERLEV_COUNTS.values())
+
+
+def test_repeated_splits_pass_and_a_leak_within_one_repeat_fails():
+    """Issue 12: folds are judged within each repeat, parts across all of them."""
+    from pap_severity.config import SplitConfig
+    from pap_severity.data.splits import make_splits
+
+    manifest = frame(clean_rows(per_class=6))
+    splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.2, repeats=3, seed=0))
+    assert validate_manifest(manifest, CFG, splits).success
+
+    cv0 = splits[(splits["repeat"] == 1) & (splits["part"] == "cv")]
+    a, b = cv0[cv0["fold"] == 0].index[0], cv0[cv0["fold"] == 1].index[0]
+    leaky = splits.copy()
+    leaky.loc[b, "sha256"] = leaky.loc[a, "sha256"]  # one image in two folds of repeat 1
+    failures = by_name(validate_manifest(manifest, CFG, leaky))
+    assert list(failures) == ["cv folds disjoint"]
+    assert leaky.loc[a, "path"] in failures["cv folds disjoint"].files
+
+    test_path = splits.loc[splits["part"] == "test", "path"].iloc[0]
+    moved = splits.copy()
+    in_repeat_2 = (moved["path"] == test_path) & (moved["repeat"] == 2)
+    moved.loc[in_repeat_2, ["part", "fold"]] = ["cv", 0]  # test in repeats 0 and 1, cv in repeat 2
+    failures = by_name(validate_manifest(manifest, CFG, moved))
+    assert list(failures) == ["test, calibration and cv parts disjoint"]
+    assert failures["test, calibration and cv parts disjoint"].files == [test_path]

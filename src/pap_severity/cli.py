@@ -91,6 +91,9 @@ def data_fetch(
     typer.echo(f"train on it: dvc exp run -S data.root={root.as_posix()}")
 
 
+LISTED_FILES = 20  # bad files printed per problem; validation.json lists them all
+
+
 @data_app.command("manifest")
 @clean_errors
 def data_manifest(
@@ -106,6 +109,14 @@ def data_manifest(
     typer.echo(f"{len(df)} cells ({df['source'].iloc[0]}) -> {out}")
     for name, n in counts.items():
         typer.echo(f"  {name:<22} {n}")
+    problems = [f"{path}: {error}" for row in df.itertuples()
+                for path, error in ((row.path, row.image_error), (row.mask_path, row.mask_error)) if error]
+    for line in problems[:LISTED_FILES]:
+        typer.echo(f"warning: {line}", err=True)
+    if problems:
+        more = f", {len(problems) - LISTED_FILES} more not shown" if len(problems) > LISTED_FILES else ""
+        typer.echo(f"warning: {len(problems)} unreadable file(s) recorded in the manifest{more}; "
+                   f"`pap-severity data validate {out}` names them all", err=True)
 
 
 @data_app.command("split")
@@ -122,10 +133,11 @@ def data_split(
     cfg = _config(params)
     splits = make_splits(read_manifest(manifest), cfg.split)
     write_splits(splits, out)
-    table = splits.groupby(["part", "fold"]).size()
-    typer.echo(f"{len(splits)} cells -> {out}")
-    for (part, fold), n in table.items():
-        typer.echo(f"  {part:<4} fold {fold:>2}: {n}")
+    repeats = splits["repeat"].nunique()
+    typer.echo(f"{splits['path'].nunique()} cells, {repeats} repeat(s) -> {out}")
+    for (repeat, part, fold), n in splits.groupby(["repeat", "part", "fold"]).size().items():
+        if part == "cv" or repeat == 0:  # the test part is the same in every repeat
+            typer.echo(f"  {f'repeat {repeat} ' if repeats > 1 else ''}{part:<4} fold {fold:>2}: {n}")
 
 
 @data_app.command("validate")
@@ -151,8 +163,11 @@ def data_validate(
         typer.echo(f"  {name:<22} {n}")
     for failure in report.failures:
         typer.echo(f"FAILED: {failure.expectation}: {failure.detail}", err=True)
-        for f in failure.files:
+        for f in failure.files[:LISTED_FILES]:
             typer.echo(f"  {f}", err=True)
+        if len(failure.files) > LISTED_FILES:
+            where = f"full list in {report.result_path}" if report.result_path else "--out DIR writes the full list"
+            typer.echo(f"  ... and {len(failure.files) - LISTED_FILES} more; {where}", err=True)
     if report.result_path:
         typer.echo(f"result: {report.result_path}")
     if report.data_docs:

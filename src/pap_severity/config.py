@@ -54,6 +54,9 @@ class SplitConfig(Section):
     # referral threshold; 0 leaves the served model uncalibrated (the ensemble stage refuses).
     calibration_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     seed: int = 0
+    # Repeated k-fold: each repeat deals the cv cells into `folds` folds with its own seed; the
+    # held-out test part is the same for every repeat. 1 is plain k-fold.
+    repeats: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _parts(self) -> SplitConfig:

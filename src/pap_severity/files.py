@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def json_ready(value):
@@ -36,3 +40,8 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(content, path: str | Path, sort_keys: bool = False) -> Path:
     return write_text(path, json.dumps(json_ready(content), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """A table as CSV without its index (missing values as empty fields), written atomically."""
+    return write_text(path, frame.to_csv(index=False))

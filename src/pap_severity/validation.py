@@ -38,12 +38,14 @@ MANIFEST_COLUMNS = (
     "width",
     "height",
     "sha256",
+    "mask_width",
+    "mask_height",
     "nucleus_fraction",
     "source",
     "image_error",
     "mask_error",
 )
-SPLITS_COLUMNS = ("path", "sha256", "part", "fold")
+SPLITS_COLUMNS = ("path", "sha256", "part", "fold")  # and `repeat`, 0 when absent (a single split)
 SPLIT_PARTS = ("cv", "calib", "test")
 RESULT_FILE = "validation.json"
 DOCS_DIR = "data_docs"
@@ -96,6 +98,10 @@ class ValidationReport:
 # --------------------------------------------------------------------------- input
 
 
+def _size(width: float, height: float) -> str:
+    return f"{width:.0f}x{height:.0f} px" if not (np.isnan(width) or np.isnan(height)) else "of unknown size"
+
+
 def _check_columns(df: pd.DataFrame, required: tuple[str, ...], what: str, hint: str) -> None:
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"{what} must be a pandas DataFrame, got {type(df).__name__}")
@@ -127,7 +133,7 @@ def _checked_table(manifest: pd.DataFrame, cfg: DataConfig, splits: pd.DataFrame
         (image_error == "") & no_size, "image size unknown (width/height missing in the manifest)", image_error
     )
 
-    # Masks: present; where present, decodes; where it decodes, holds a nucleus.
+    # Masks: present; where present, decodes; where it decodes, has its image's size and holds a nucleus.
     mask_path = _text(manifest["mask_path"]).to_numpy()
     mask_error = _text(manifest["mask_error"]).to_numpy()
     nucleus = _number(manifest["nucleus_fraction"]).to_numpy()
@@ -136,8 +142,18 @@ def _checked_table(manifest: pd.DataFrame, cfg: DataConfig, splits: pd.DataFrame
     if cfg.require_masks:
         t["has_mask"] = has_mask
         t["mask_problem"] = pd.Series(np.where(has_mask, mask_error, None), dtype=object)
-        # A decoded mask without a computed fraction counts as holding no nucleus.
-        t["mask_nucleus_fraction"] = np.where(decodes, np.nan_to_num(nucleus, nan=0.0), np.nan)
+        # Judged only where both sizes are known: an image that does not decode is named by its own check.
+        mask_w, mask_h = _number(manifest["mask_width"]).to_numpy(), _number(manifest["mask_height"]).to_numpy()
+        w, h = t["width"].to_numpy(), t["height"].to_numpy()
+        sized = decodes & ~np.isnan(w) & ~np.isnan(h)
+        wrong_size = sized & ((mask_w != w) | (mask_h != h))  # NaN (size not recorded) compares unequal
+        t["mask_size_problem"] = pd.Series(
+            [(f"mask {_size(mw, mh)}, image {_size(iw, ih)}" if bad else "") if ok else None
+             for ok, bad, mw, mh, iw, ih in zip(sized, wrong_size, mask_w, mask_h, w, h)],
+            dtype=object,
+        )
+        # A decoded mask of the right size without a computed fraction counts as holding no nucleus.
+        t["mask_nucleus_fraction"] = np.where(decodes & ~wrong_size, np.nan_to_num(nucleus, nan=0.0), np.nan)
 
     # No sha256 in two classes: the number of distinct classes per checksum (null if no checksum).
     sha = _text(manifest["sha256"])
@@ -147,13 +163,16 @@ def _checked_table(manifest: pd.DataFrame, cfg: DataConfig, splits: pd.DataFrame
     t["classes_per_sha256"] = sha.map(per_sha).astype(float).where(known_sha).to_numpy()
 
     if splits is not None:
+        # Parts are counted over every repeat (the test part is the same in each); folds within each
+        # repeat, where a cell lies in exactly one, and the worst repeat counts.
         s_sha = _text(splits["sha256"])
         part = _text(splits["part"])
         fold = pd.to_numeric(splits["fold"], errors="coerce")
+        repeat = pd.to_numeric(splits["repeat"], errors="coerce") if "repeat" in splits else pd.Series(0, splits.index)
         ok = s_sha != ""
         parts_per_sha = part[ok].groupby(s_sha[ok]).nunique()
         cv = ok & (part == "cv")
-        folds_per_sha = fold[cv].groupby(s_sha[cv]).nunique()
+        folds_per_sha = fold[cv].groupby([s_sha[cv], repeat[cv]]).nunique().groupby(level=0).max()
         t["split_parts_per_sha256"] = sha.map(parts_per_sha).astype(float).where(known_sha).to_numpy()
         t["cv_folds_per_sha256"] = sha.map(folds_per_sha).astype(float).where(known_sha).to_numpy()
     return t
@@ -257,6 +276,14 @@ def _checks(cfg: DataConfig, with_splits: bool) -> list[_Check]:
                 f"{_examples(files, _by_path(t, 'mask_problem'))}; re-download or replace the -d.bmp files",
             ),
             _Check(
+                "mask_size",
+                "every mask has its image's size",
+                E.ExpectColumnValuesToBeInSet(column="mask_size_problem", value_set=[""]),
+                lambda files, t, r: f"{len(files)} mask(s) differ in size from their image, so they do not "
+                f"outline it: {_examples(files, _by_path(t, 'mask_size_problem'))}; replace the -d.bmp files "
+                "with the masks drawn on these images",
+            ),
+            _Check(
                 "mask_nucleus",
                 "every mask holds a nucleus",
                 E.ExpectColumnValuesToBeBetween(column="mask_nucleus_fraction", min_value=0.0, strict_min=True),
@@ -286,7 +313,7 @@ def _checks(cfg: DataConfig, with_splits: bool) -> list[_Check]:
                 "cv_folds_disjoint",
                 "cv folds disjoint",
                 E.ExpectColumnValuesToBeBetween(column="cv_folds_per_sha256", max_value=1),
-                lambda files, t, r: f"{len(files)} file(s) share a sha256 between two cv folds: "
+                lambda files, t, r: f"{len(files)} file(s) share a sha256 between two cv folds of one repeat: "
                 f"{_examples(files)}; rebuild the splits with `pap-severity data split`",
             ),
         ]

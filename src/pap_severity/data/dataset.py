@@ -9,8 +9,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pap_severity.config import AugmentConfig
-from pap_severity.data.manifest import open_image
+from pap_severity.data.reader import open_image
 from pap_severity.transforms import Preprocess, augment_transform, eval_transform, square_resize
+
+
+def _open(path: str) -> Image.Image:
+    """The upright image, or a ValueError that names the file."""
+    try:
+        return open_image(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 class CellDataset(Dataset):
@@ -28,7 +36,7 @@ class CellDataset(Dataset):
             raise ValueError(f"{len(paths)} paths but {len(severities)} labels")
         self.paths = list(paths)
         self.severities = torch.as_tensor(list(severities), dtype=torch.long)
-        self.images: list[Image.Image] = [square_resize(open_image(p), pre.image_size) for p in self.paths]
+        self.images: list[Image.Image] = [square_resize(_open(p), pre.image_size) for p in self.paths]
         if augment is None:
             self.transform = eval_transform(pre)
         else:

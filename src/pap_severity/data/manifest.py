@@ -1,7 +1,13 @@
 """The manifest: one row per cell with its labels, checksum, size and mask fractions.
 
-Building it opens every image fully, so a truncated or fake file shows up here as
-an `image_error`, to be reported by validation instead of crashing a later stage.
+Building it opens every image fully, so a truncated or fake file, a symlink loop or a
+dangling link shows up here as an `image_error` (or `mask_error`) on its row, to be
+reported by validation instead of crashing this or a later stage; every other cell
+is still described.
+
+`mask_width`/`mask_height` are the mask's own size. A mask whose size differs from its
+image's does not belong to it pixel for pixel, so its nucleus and cytoplasm fractions
+are left empty (NaN) and validation names the cell ("every mask has its image's size").
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pap_severity.data.labels import is_abnormal, is_class_folder, severity_of
 from pap_severity.data.masks import read_mask, region_fractions
-from pap_severity.data.reader import CellFile, find_cells
+from pap_severity.data.reader import CellFile, find_cells, open_image, read_bytes
 from pap_severity.data.synth import SYNTH_MARKER
+from pap_severity.files import write_csv
 
 COLUMNS = (
     "path",
@@ -29,12 +35,15 @@ COLUMNS = (
     "height",
     "mode",
     "sha256",
+    "mask_width",
+    "mask_height",
     "nucleus_fraction",
     "cytoplasm_fraction",
     "source",
     "image_error",
     "mask_error",
 )
+_INTEGERS = ("severity", "width", "height", "mask_width", "mask_height")
 
 
 def data_source(root: str | Path) -> str:
@@ -44,31 +53,6 @@ def data_source(root: str | Path) -> str:
         if (folder / SYNTH_MARKER).is_file():
             return "synthetic"
     return "herlev"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return "not an image Pillow can read"
-    if isinstance(exc, OSError) and "truncated" in str(exc).lower():
-        return f"truncated image ({exc})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image; raises a ValueError that says what is wrong."""
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(_describe(exc)) from None
 
 
 def _row(cell: CellFile, source: str) -> dict:
@@ -83,7 +67,9 @@ def _row(cell: CellFile, source: str) -> dict:
         "width": pd.NA,
         "height": pd.NA,
         "mode": "",
-        "sha256": _sha256(cell.image),
+        "sha256": "",
+        "mask_width": pd.NA,
+        "mask_height": pd.NA,
         "nucleus_fraction": np.nan,
         "cytoplasm_fraction": np.nan,
         "source": source,
@@ -91,17 +77,22 @@ def _row(cell: CellFile, source: str) -> dict:
         "mask_error": "",
     }
     try:
+        row["sha256"] = hashlib.sha256(read_bytes(cell.image)).hexdigest()
         im = open_image(cell.image)
         row.update(width=im.width, height=im.height, mode=im.mode)
     except ValueError as exc:
         row["image_error"] = str(exc)
     if cell.mask is not None:
         try:
-            open_image(cell.mask)
-            nucleus, cytoplasm = region_fractions(read_mask(cell.mask))
-            row.update(nucleus_fraction=nucleus, cytoplasm_fraction=cytoplasm)
+            codes = read_mask(cell.mask)
         except ValueError as exc:
             row["mask_error"] = str(exc)
+        else:
+            row.update(mask_width=codes.shape[1], mask_height=codes.shape[0])
+            # An image of unknown size cannot contradict its mask; validation names the image.
+            if row["image_error"] or (row["width"], row["height"]) == (codes.shape[1], codes.shape[0]):
+                nucleus, cytoplasm = region_fractions(codes)
+                row.update(nucleus_fraction=nucleus, cytoplasm_fraction=cytoplasm)
     return row
 
 
@@ -111,16 +102,11 @@ def build_manifest(root: str | Path, progress: bool = True) -> pd.DataFrame:
     source = data_source(root)
     rows = [_row(c, source) for c in tqdm(cells, desc="manifest", unit="cell", disable=not progress)]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    return df.astype(
-        {"severity": "Int64", "abnormal": "boolean", "width": "Int64", "height": "Int64"}
-    )
+    return df.astype({"abnormal": "boolean", **{col: "Int64" for col in _INTEGERS}})
 
 
 def write_manifest(df: pd.DataFrame, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
-    return out
+    return write_csv(df, out)
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -131,8 +117,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: not a manifest, missing columns {missing}")
-    for col in ("severity", "width", "height"):
+        raise ValueError(
+            f"{path}: not a manifest of this version, missing columns {missing}; "
+            f"rebuild it with `pap-severity data manifest DIR --out {path}`"
+        )
+    for col in _INTEGERS:
         df[col] = pd.to_numeric(df[col].replace("", None)).astype("Int64")
     for col in ("nucleus_fraction", "cytoplasm_fraction"):
         df[col] = pd.to_numeric(df[col].replace("", None)).astype(float)

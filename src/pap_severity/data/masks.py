@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pap_severity.data.reader import open_image
+
 BACKGROUND, CYTOPLASM, NUCLEUS, UNKNOWN = 0, 1, 2, 255
 
 NUCLEUS_RGB = (0, 0, 255)
@@ -42,9 +44,8 @@ def decode_mask(rgb: np.ndarray) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a `-d.bmp` mask (palette or RGB) and decode it."""
-    with Image.open(path) as im:
-        return decode_mask(np.asarray(im.convert("RGB")))
+    """Read a `-d.bmp` mask (palette or RGB) and decode it; ValueError (saying why) if it cannot be read."""
+    return decode_mask(np.asarray(open_image(path).convert("RGB")))
 
 
 def encode_mask(codes: np.ndarray) -> Image.Image:

@@ -1,17 +1,25 @@
-"""Finding Herlev cells on disk: the smear2005 layout at any depth below a root.
+"""Finding and opening Herlev cells on disk: the smear2005 layout at any depth below a root.
 
 A cell is an image `NAME.<ext>` inside a class folder, with its mask `NAME-d.bmp`
 beside it when the set has masks. Images outside the seven class folders are
 still returned, under their own folder name, so that validation can name them.
+Every file is read through `read_bytes` or `open_image`, which turn whatever is wrong
+with it (a symlink loop, a dangling link, a pipe, a truncated image) into a ValueError
+that says what, so the caller can record it against the file and go on.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from pap_severity.data.labels import CLASS_FOLDERS, is_class_folder
+from pap_severity.transforms import upright
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 MASK_SUFFIX = "-d.bmp"
@@ -65,3 +73,62 @@ def find_cells(root: str | Path) -> list[CellFile]:
             f"expected class folders such as {', '.join(CLASS_FOLDERS[:2])}, ..."
         )
     return cells
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    """What an OSError from stat or open means for a data file, in words."""
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (the link leads back to itself)"
+    if exc.errno == errno.ENOENT and path.is_symlink():
+        return f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "not readable (permission denied)"
+    return f"unreadable ({exc.strerror or exc})"
+
+
+def _checked(path: Path) -> int:
+    """The size of path in bytes; ValueError unless it is a regular file that can be opened."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(_unreadable(path, exc)) from None
+    if not stat.S_ISREG(info.st_mode):
+        # A pipe or device would block or never end; a folder is not an image.
+        raise ValueError("not a regular file (a folder, pipe or device)")
+    return info.st_size
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's content; ValueError (saying why) for links that lead nowhere and unreadable files."""
+    path = Path(path)
+    _checked(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(_unreadable(path, exc)) from None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image Pillow can read"
+    if isinstance(exc, OSError) and "truncated" in str(exc).lower():
+        return f"truncated image ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image, upright as a viewer shows it (EXIF orientation applied).
+
+    Raises a ValueError that says what is wrong (without the path: callers name the file).
+    """
+    path = Path(path)
+    if _checked(path) == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return upright(im)[0].copy()
+    except PermissionError as exc:
+        raise ValueError(_unreadable(path, exc)) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(_describe(exc)) from None
