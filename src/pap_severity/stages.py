@@ -81,13 +81,13 @@ def train(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path
           models: Path = MODELS, best_params: Path | None = None, resume: bool = False, track: bool = True,
           progress: bool = True) -> pd.DataFrame:
     """Cross-validate one pipeline: a model per fold, predictions on its validation fold and the test part."""
-    from pap_severity.tracking import Tracker
+    from pap_severity.tracking import CVRuns, Tracker
     from pap_severity.training import cross_validate
 
     cfg = tuned(cfg, best_params)
     table, split_table, source = _data(manifest, splits)
-    tracker = Tracker(cfg, source) if track else None
-    return cross_validate(cfg, pipeline, table, split_table, models, resume=resume, tracker=tracker,
+    runs = CVRuns(Tracker(cfg, source)) if track else None
+    return cross_validate(cfg, pipeline, table, split_table, models, resume=resume, callbacks=runs,
                           progress=progress)
 
 
