@@ -89,7 +89,8 @@ def test_cross_validation_is_tracked_in_a_real_store(tmp_path):
     cfg = tiny_config(tmp_path)
     tracker = tracking.Tracker(cfg, tracking.data_source_of(manifest))
     out = tmp_path / "models"
-    training.cross_validate(cfg, "combined", manifest, splits, out, tracker=tracker, progress=False)
+    training.cross_validate(cfg, "combined", manifest, splits, out, callbacks=tracking.CVRuns(tracker),
+                            progress=False)
 
     runs = tracking.read_runs(out / "combined" / tracking.RUNS_FILE)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -135,7 +136,8 @@ def test_cross_validation_is_tracked_in_a_real_store(tmp_path):
     assert (model_dir / "data" / "model.pt2").is_file()  # torch.export, not pickle
 
     # Resuming reopens the same runs instead of making new ones, and logs no second model.
-    training.cross_validate(cfg, "combined", manifest, splits, out, tracker=tracker, progress=False, resume=True)
+    training.cross_validate(cfg, "combined", manifest, splits, out, callbacks=tracking.CVRuns(tracker),
+                            progress=False, resume=True)
     again = tracking.read_runs(out / "combined" / tracking.RUNS_FILE)
     assert again == runs
     assert len(client.search_runs([experiment.experiment_id])) == 3
@@ -152,7 +154,8 @@ def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path)
     out = tmp_path / "models"
     training.cross_validate(cfg, "regression", manifest, splits, out, progress=False)
     tracker = tracking.Tracker(cfg, "synthetic")
-    training.cross_validate(cfg, "regression", manifest, splits, out, tracker=tracker, progress=False, resume=True)
+    training.cross_validate(cfg, "regression", manifest, splits, out, callbacks=tracking.CVRuns(tracker),
+                            progress=False, resume=True)
     runs = tracking.read_runs(out / "regression" / tracking.RUNS_FILE)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for fold in runs["folds"].values():

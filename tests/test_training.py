@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from pap_severity.data.splits import make_splits
 from pap_severity.data.synth import make_synthetic
 from pap_severity.devices import resolve_device
 from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, is_better
+from pap_severity.losses import balanced_class_weights
 from pap_severity.models import build_model
 from pap_severity.pipelines import get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, channel_stats, square_resize
@@ -33,12 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def cells(tmp_path_factory) -> dict:
-    """42 synthetic cells (6 per class folder: 18 normal, 6 of each other severity), 2 folds + test."""
-    root = tmp_path_factory.mktemp("cells")
-    make_synthetic(root / "synth", per_class=6, size=32, seed=0, progress=False)
-    manifest = build_manifest(root / "synth", progress=False)
-    splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.2, seed=0))
+def cells(synth_set) -> dict:
+    """The shared synthetic set (6 cells per class folder), 2 folds, calibration and test parts."""
+    manifest, splits = synth_set["manifest"], synth_set["splits"]
     cv = splits[splits["part"] == "cv"]
     return {
         "manifest": manifest,
@@ -119,7 +118,7 @@ def test_workers_do_not_change_the_result(cells, tmp_path):
 
 
 def test_the_epoch_sampler_is_a_function_of_seed_and_epoch():
-    s = training._EpochSampler(50, seed=3)
+    s = training.EpochSampler(50, seed=3)
     s.set_epoch(1)
     first = list(s)
     assert sorted(i for i, _ in first) == list(range(50))
@@ -128,7 +127,7 @@ def test_the_epoch_sampler_is_a_function_of_seed_and_epoch():
     assert list(s) != first
     # Weighted draws with replacement balance a 45/5 set.
     labels = torch.tensor([0] * 45 + [1] * 5)
-    sampler = training._EpochSampler(50, 0, training.balanced_class_weights(labels, 2)[labels])
+    sampler = training.EpochSampler(50, 0, balanced_class_weights(labels, 2)[labels])
     drawn = []
     for epoch in range(1, 21):
         sampler.set_epoch(epoch)
@@ -137,36 +136,35 @@ def test_the_epoch_sampler_is_a_function_of_seed_and_epoch():
 
 
 @pytest.mark.parametrize("balance", ["weighted_loss", "sampler", "none"])
-def test_balance_modes(cells, tmp_path, monkeypatch, balance):
-    loss_weights, sampler_weights = [], []
-    real = get_pipeline("combined")
+def test_balance_modes(cells, balance):
+    """weighted_loss weighs every training batch's loss by class; sampler draws by class weight instead."""
+    state, ctx, loader, _ = training.setup_training(tiny_config(balance=balance), "combined", cells["train"],
+                                                    cells["val"], epochs=1)
+    real = state.bundle.pipeline
+    calls = []
 
     def recording_loss(out, y, cfg, w):
-        if w is not None:
-            loss_weights.append((y.clone(), w.clone()))
+        calls.append((y.clone(), None if w is None else w.clone()))
         return real.loss(out, y, cfg, w)
 
-    class RecordingSampler(training._EpochSampler):
-        def __init__(self, n, seed, weights=None):
-            sampler_weights.append(weights)
-            super().__init__(n, seed, weights)
-
-    monkeypatch.setattr(training, "get_pipeline", lambda name: dataclasses.replace(real, loss=recording_loss))
-    monkeypatch.setattr(training, "_EpochSampler", RecordingSampler)
-    training.train_fold(tiny_config(epochs=1, balance=balance), "combined", cells["train"], cells["val"],
-                        tmp_path / "m.pt", progress=False)
+    state.bundle.pipeline = dataclasses.replace(real, loss=recording_loss)
+    training.train_one_epoch(state, ctx, loader, epoch=1)
+    assert len(calls) == len(loader) > 0
+    weighted = [(y, w) for y, w in calls if w is not None]
+    sampler = loader.sampler
+    assert isinstance(sampler, training.EpochSampler)
     labels = torch.tensor(cells["train"]["severity"].astype(int).tolist())
-    class_weights = training.balanced_class_weights(labels)
+    class_weights = balanced_class_weights(labels)
     if balance == "weighted_loss":
-        assert loss_weights and sampler_weights == [None]
-        for y, w in loss_weights:
+        assert len(weighted) == len(calls) and sampler.weights is None
+        for y, w in weighted:
             torch.testing.assert_close(w, class_weights[y])
         assert class_weights[1:].min() > class_weights[0]  # the rare classes weigh more than normal cells
     elif balance == "sampler":
-        assert not loss_weights
-        torch.testing.assert_close(sampler_weights[0], class_weights[labels])
+        assert not weighted
+        torch.testing.assert_close(sampler.weights, class_weights[labels])
     else:
-        assert not loss_weights and sampler_weights == [None]
+        assert not weighted and sampler.weights is None
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
@@ -183,26 +181,119 @@ def test_scheduler_choices(cells, tmp_path, scheduler):
         assert lrs[0] != pytest.approx(0.01) and max(lrs) <= 0.01 + 1e-12 and lrs[-1] < 1e-4
 
 
-def test_early_stopping_stops_and_keeps_the_best_epoch(cells, tmp_path, monkeypatch):
-    script = iter([0.2, 0.6, 0.4, 0.5, 0.3, 0.9])
-    snapshots = {}
-    real = training._evaluate
+def small_state(pipeline: str = "classification", fingerprint: str = "run") -> training.TrainState:
+    torch.manual_seed(0)
+    spec = get_pipeline(pipeline)
+    model = build_model("resnet18", "none", spec.head)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return training.TrainState(
+        bundle=ModelBundle(model, spec, "resnet18", Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        fingerprint=fingerprint,
+    )
 
-    def scripted(model, loader, pipeline, cfg, device, amp, channels_last):
-        metrics = real(model, loader, pipeline, cfg, device, amp, channels_last)
-        metrics["accuracy"] = next(script)
-        snapshots[len(snapshots) + 1] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return metrics
 
-    monkeypatch.setattr(training, "_evaluate", scripted)
-    calls = []
-    cfg = tiny_config(epochs=6, patience=2, early_stopping_metric="accuracy")
-    result = training.train_fold(cfg, "classification", cells["train"], cells["val"], tmp_path / "m.pt",
-                                 progress=False, on_epoch=lambda e, m: calls.append((e, m["accuracy"])))
-    assert calls == [(1, 0.2), (2, 0.6), (3, 0.4), (4, 0.5)]  # two epochs without progress: stop
-    assert (result.best_epoch, result.best_metric) == (2, 0.6)
-    assert len(result.history) == 4
-    assert_same_weights(weights(result.checkpoint), snapshots[2])
+def take_a_step(state: training.TrainState) -> None:
+    """Change every weight (as an epoch would) and the optimizer's and schedule's states: a random gradient step."""
+    for p in state.bundle.model.parameters():
+        p.grad = torch.randn_like(p)
+    state.optimizer.step()
+    state.scheduler.step()
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(tmp_path):
+    state = small_state()
+    snapshots, trained = {}, []
+    for epoch, accuracy in enumerate([0.2, 0.6, 0.4, 0.5, 0.3, 0.9], start=1):
+        if state.stopped(patience=2):
+            break
+        take_a_step(state)
+        snapshots[epoch] = {k: v.clone() for k, v in state.bundle.model.state_dict().items()}
+        state.end_epoch({"epoch": epoch, "val_accuracy": accuracy}, "accuracy")
+        trained.append(epoch)
+    assert trained == [1, 2, 3, 4]  # two epochs without progress after the best: stop
+    assert (state.best_epoch, state.best_metric, state.since_best) == (2, 0.6, 2)
+    state.finish(tmp_path / "m.pt", {"role": "test"})
+    bundle, extra = load_bundle(tmp_path / "m.pt")
+    assert_same_weights(bundle.model.state_dict(), snapshots[2])
+    assert extra["complete"] and (extra["best_epoch"], extra["best_metric"]) == (2, 0.6)
+    assert [e["epoch"] for e in extra["history"]] == [1, 2, 3, 4]
+    assert bundle.meta == {"role": "test", "best_epoch": 2, "epochs_run": 4, "best_metric": 0.6}
+
+
+def test_without_a_metric_the_last_epoch_is_kept_and_nan_never_is_the_best(tmp_path):
+    final = small_state()
+    for epoch in (1, 2):
+        take_a_step(final)
+        final.end_epoch({"epoch": epoch, "train_loss": 1.0}, None)
+    assert (final.best_epoch, final.since_best, final.stopped(1)) == (2, 0, False)
+    assert np.isnan(final.best_metric)
+    nan = small_state()
+    for epoch in (1, 2):
+        take_a_step(nan)
+        nan.end_epoch({"epoch": epoch, "val_mse": float("nan")}, "mse")
+    assert nan.stopped(2) and nan.best_epoch == 0
+    nan.finish(tmp_path / "nan.pt", {})  # no epoch had a defined metric: the last weights
+    bundle, extra = load_bundle(tmp_path / "nan.pt")
+    assert extra["best_epoch"] == bundle.meta["best_epoch"] == 2 and np.isnan(extra["best_metric"])
+    assert_same_weights(weights(tmp_path / "nan.pt"), {k: v for k, v in nan.bundle.model.state_dict().items()})
+
+
+def test_the_train_state_is_saved_and_loaded_whole(tmp_path):
+    state = small_state()
+    for epoch, accuracy in enumerate([0.5, 0.3], start=1):
+        take_a_step(state)
+        state.end_epoch({"epoch": epoch, "val_accuracy": accuracy}, "accuracy")
+    best = {k: v.clone() for k, v in state.best_weights.items()}
+    state.bundle.meta = {"role": "cv"}
+    state.save(tmp_path / "m.pt.resume")
+    after_save = torch.rand(3)  # the RNG state the saved one restores
+    assert load_bundle(tmp_path / "m.pt.resume")[1]["epoch"] == 2  # a bundle, for any reader
+
+    loaded = small_state()
+    loaded.load(tmp_path / "m.pt.resume")
+    assert torch.equal(torch.rand(3), after_save)
+    assert (loaded.epoch, loaded.best_epoch, loaded.best_value, loaded.since_best) == (2, 1, 0.5, 1)
+    assert loaded.history == state.history and loaded.bundle.meta == {"role": "cv"}
+    assert_same_weights(loaded.bundle.model.state_dict(), state.bundle.model.state_dict())
+    assert_same_weights(loaded.best_weights, best)
+    assert loaded.scheduler.state_dict() == state.scheduler.state_dict()
+    assert loaded.optimizer.state_dict()["state"].keys() == state.optimizer.state_dict()["state"].keys()
+    for key, value in state.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(loaded.optimizer.state_dict()["state"][key], value)
+    # Taking the same step from both gives the same weights: nothing that matters was left out.
+    torch.manual_seed(1)
+    take_a_step(state)
+    torch.manual_seed(1)
+    take_a_step(loaded)
+    assert_same_weights(loaded.bundle.model.state_dict(), state.bundle.model.state_dict())
+
+    with pytest.raises(ValueError, match="other settings"):
+        small_state(fingerprint="another run").load(tmp_path / "m.pt.resume")
+
+
+def test_training_stops_early_and_keeps_the_best_epoch(cells, tmp_path):
+    """The loop follows the rule above: it stops `patience` epochs after the best one and keeps its weights."""
+    checkpoint = tmp_path / "m.pt"
+    calls, snapshots = [], {}
+
+    def on_epoch(epoch, metrics):  # the epoch's state is saved when this runs
+        calls.append((epoch, metrics["accuracy"]))
+        snapshots[epoch] = weights(training.resume_path(checkpoint))
+
+    cfg = tiny_config(epochs=6, patience=1, early_stopping_metric="accuracy", optimizer="sgd", lr=0.05,
+                      scheduler="none")
+    result = training.train_fold(cfg, "classification", cells["train"], cells["val"], checkpoint,
+                                 progress=False, on_epoch=on_epoch)
+    values = [value for _, value in calls]
+    assert [epoch for epoch, _ in calls] == list(range(1, len(calls) + 1))
+    assert len(calls) < 6, values  # these settings do stop early
+    assert result.best_epoch == 1 + values.index(max(values)) and result.best_metric == max(values)
+    assert len(calls) == result.best_epoch + 1  # patience 1: the first epoch without progress is the last
+    assert len(result.history) == len(calls)
+    assert_same_weights(weights(checkpoint), snapshots[result.best_epoch])
 
 
 def test_lower_is_better_for_errors_and_nan_never_improves():
@@ -293,10 +384,48 @@ def test_predict_items(cells, pipeline):
     assert one_by_one["severity"].isna().all()
 
 
+class RecordingCallbacks(training.CVCallbacks):
+    """A real observer of cross_validate: what it was told, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.fold_metrics: dict[int, dict] = {}
+
+    @contextmanager
+    def pipeline_run(self, pipeline, out, resume):
+        self.calls.append(("pipeline", pipeline, out.name, resume))
+        yield
+        self.calls.append(("pipeline end",))
+
+    @contextmanager
+    def fold_run(self, fold):
+        self.calls.append(("fold", fold))
+        yield
+        self.calls.append(("fold end", fold))
+
+    def on_epoch(self, entry):
+        assert {"epoch", "train_loss", "lr", "val_loss", "val_accuracy"} <= entry.keys()
+        self.calls.append(("epoch", entry["epoch"]))
+
+    def on_fold_end(self, fold, result, metrics):
+        self.fold_metrics[fold] = metrics
+        self.calls.append(("fold result", fold, result.best_epoch))
+
+    def log_model(self, fold, bundle, example):
+        assert bundle.pipeline.name == "combined" and example.dtype == np.float32
+        self.calls.append(("model", fold, example.shape))
+
+    def on_pipeline_end(self, fold_metrics):
+        assert fold_metrics == [self.fold_metrics["0"], self.fold_metrics["1"]]
+        self.calls.append(("means", len(fold_metrics)))
+
+
 def test_cross_validate_writes_predictions_and_resume_reuses_folds(cells, tmp_path):
     cfg = tiny_config(epochs=1)
     out = tmp_path / "models"
-    predictions = training.cross_validate(cfg, "combined", cells["manifest"], cells["splits"], out, progress=False)
+    told = RecordingCallbacks()
+    predictions = training.cross_validate(cfg, "combined", cells["manifest"], cells["splits"], out, progress=False,
+                                          callbacks=told)
     assert tuple(predictions.columns) == PREDICTION_COLUMNS
     splits = cells["splits"]
     val = predictions[predictions["part"] == "val"]
@@ -310,12 +439,25 @@ def test_cross_validate_writes_predictions_and_resume_reuses_folds(cells, tmp_pa
     assert set(summary) == {"0", "1"} and len(summary["0"]["history"]) == 1
     for k in (0, 1):
         assert training.fold_checkpoint(out, "combined", k).is_file()
+        assert told.fold_metrics[str(k)] == pytest.approx(summary[str(k)]["metrics"], nan_ok=True)
+        assert {"val_accuracy", "calib_accuracy", "test_accuracy"} <= told.fold_metrics[str(k)].keys()
+
+    def fold(k, epochs):
+        k = str(k)
+        return [("fold", k), *epochs, ("fold result", k, 1), ("model", k, (2, 3, 32, 32)), ("fold end", k)]
+
+    assert told.calls == [("pipeline", "combined", "combined", False), *fold(0, [("epoch", 1)]),
+                          *fold(1, [("epoch", 1)]), ("means", 2), ("pipeline end",)]
 
     stamps = [training.fold_checkpoint(out, "combined", k).stat().st_mtime_ns for k in (0, 1)]
+    told = RecordingCallbacks()
     again = training.cross_validate(cfg, "combined", cells["manifest"], cells["splits"], out, progress=False,
-                                    resume=True)
+                                    resume=True, callbacks=told)
     assert [training.fold_checkpoint(out, "combined", k).stat().st_mtime_ns for k in (0, 1)] == stamps
     pd.testing.assert_frame_equal(again, predictions)
+    # Reused folds train no epoch; the rest is reported again (an observer skips what it already has).
+    assert told.calls == [("pipeline", "combined", "combined", True), *fold(0, []), *fold(1, []), ("means", 2),
+                          ("pipeline end",)]
 
 
 def test_cross_validate_refuses_splits_of_another_manifest(cells, tmp_path):
@@ -397,7 +539,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(cells, tmp_path):
     assert not state.exists()
 
 
-def test_resume_refuses_a_state_of_other_settings(cells, tmp_path):
+def test_resume_refuses_a_state_of_other_settings_but_not_of_other_threads(cells, tmp_path):
     class Stop(Exception):
         pass
 
@@ -407,9 +549,16 @@ def test_resume_refuses_a_state_of_other_settings(cells, tmp_path):
     with pytest.raises(Stop):
         training.train_fold(tiny_config(), "combined", cells["train"], cells["val"], tmp_path / "m.pt",
                             progress=False, on_epoch=stop)
-    with pytest.raises(ValueError, match="other settings"):
-        training.train_fold(tiny_config(lr=0.01), "combined", cells["train"], cells["val"], tmp_path / "m.pt",
-                            progress=False, resume=True)
+    # What defines a run (config.RUN_PARAMS): train.amp among them.
+    for other in (tiny_config(lr=0.01), tiny_config(amp=False)):
+        with pytest.raises(ValueError, match="other settings"):
+            training.train_fold(other, "combined", cells["train"], cells["val"], tmp_path / "m.pt",
+                                progress=False, resume=True)
+    # Where and how fast it runs does not: the run continues.
+    seen = []
+    training.train_fold(tiny_config(threads=2), "combined", cells["train"], cells["val"], tmp_path / "m.pt",
+                        progress=False, resume=True, on_epoch=lambda e, m: seen.append(e))
+    assert seen == [2]
 
 
 def test_mixup_pairs_are_a_seeded_permutation_with_the_own_cell_dominant():
@@ -435,3 +584,22 @@ def test_the_recipe_options_train_and_change_the_model(synth_set, tmp_path):
     mixed = training.train_fold(recipe, "combined", train, val, tmp_path / "recipe.pt", progress=False)
     assert np.isfinite(mixed.history[-1]["train_loss"])
     assert mixed.history[-1]["train_loss"] != plain.history[-1]["train_loss"]
+
+
+def test_repeated_cross_validation_trains_every_repeat_and_fold(cells, tmp_path):
+    from pap_severity.data.splits import make_splits
+
+    splits = make_splits(cells["manifest"], SplitConfig(folds=2, test_fraction=0.2, seed=0, repeats=2))
+    predictions = training.cross_validate(tiny_config(epochs=1), "combined", cells["manifest"], splits,
+                                          tmp_path, progress=False)
+    val = predictions[predictions["part"] == "val"]
+    for r in (0, 1):  # every cv cell validated once per repeat
+        assert sorted(val.loc[val["repeat"] == r, "path"]) == sorted(
+            splits.loc[(splits["part"] == "cv") & (splits["repeat"] == r), "path"])
+    models = predictions[["repeat", "fold"]].drop_duplicates().apply(tuple, axis=1).tolist()
+    assert sorted(models) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r, k in models:
+        assert training.fold_checkpoint(tmp_path, "combined", k, r).is_file()
+    assert training.fold_checkpoint(tmp_path, "combined", 1, 1).name == "fold1-r1.pt"
+    test_cells = splits.loc[splits["part"] == "test", "path"].nunique()
+    assert (predictions["part"] == "test").sum() == 4 * test_cells  # the test part once per fold model

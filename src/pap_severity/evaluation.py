@@ -46,7 +46,7 @@ from pap_severity.files import json_ready, write_json
 
 CLASSES = list(range(NUM_SEVERITIES))
 PROB_COLUMNS = [f"p{k}" for k in CLASSES]
-PREDICTION_COLUMNS = ("pipeline", "fold", "part", "path", "severity", "pred", "score", *PROB_COLUMNS)
+PREDICTION_COLUMNS = ("pipeline", "repeat", "fold", "part", "path", "severity", "pred", "score", *PROB_COLUMNS)
 PARTS = {"test": "test part", "val": "validation folds"}
 DATA_SOURCES = {"herlev": "Herlev", "synthetic": "synthetic data"}
 
@@ -237,10 +237,11 @@ def _nanstd(values) -> float:
 
 
 def fold_metrics(rows: pd.DataFrame) -> list[dict]:
-    """compute_metrics of each fold's rows, in fold order."""
+    """compute_metrics of each fold model's rows, in (repeat, fold) order."""
+    keys = ["repeat", "fold"] if "repeat" in rows.columns else ["fold"]
     return [
         compute_metrics(group["severity"], group[PROB_COLUMNS], group["pred"], group["score"])
-        for _, group in rows.groupby("fold", sort=True)
+        for _, group in rows.groupby(keys, sort=True)
     ]
 
 
@@ -270,6 +271,8 @@ def evaluate_predictions(predictions: pd.DataFrame, pipeline: str, data_source: 
             "pipeline": pipeline,
             "data_source": data_source,
             "n_folds": int(rows["fold"].nunique()),
+            "n_repeats": int(rows["repeat"].nunique()),
+            "n_fold_models": int(rows[["repeat", "fold"]].drop_duplicates().shape[0]),
             "n_test_cells": int(parts["test"]["path"].nunique()),
             "n_validation_cells": int(parts["val"]["path"].nunique()),
             "settings": settings,
@@ -283,6 +286,8 @@ def _check_data_source(data_source: str) -> None:
 
 
 def _pipeline_rows(predictions: pd.DataFrame, pipeline: str) -> pd.DataFrame:
+    if "repeat" not in predictions.columns:  # written before repeated cross-validation: one repeat
+        predictions = predictions.assign(repeat=0)
     missing = [column for column in PREDICTION_COLUMNS if column not in predictions.columns]
     if missing:
         raise ValueError(f"predictions table lacks columns: {', '.join(missing)}")
@@ -415,9 +420,10 @@ def evaluate(
         summary = metrics if part == "test" else metrics["validation"]
         subtitle = f"{pipeline}, {part_name}, {DATA_SOURCES[data_source]}"
         counted = (
-            f"each of {metrics['n_test_cells']} cells counted once per fold model ({metrics['n_folds']})"
+            f"each of {metrics['n_test_cells']} cells counted once per fold model ({metrics['n_fold_models']})"
             if part == "test"
             else f"out-of-fold, {metrics['n_validation_cells']} cells over {metrics['n_folds']} folds"
+            + (f" x {metrics['n_repeats']} repeats" if metrics["n_repeats"] > 1 else "")
         )
         figures[f"confusion_{part}"] = plot_confusion_matrix(
             summary["confusion_matrix"], f"Confusion matrix: {subtitle}\n{counted}", out / f"confusion_{part}.png"

@@ -84,13 +84,13 @@ def train(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path
           models: Path = MODELS, best_params: Path | None = None, resume: bool = False, track: bool = True,
           progress: bool = True) -> pd.DataFrame:
     """Cross-validate one pipeline: a model per fold, predictions on its validation fold and the test part."""
-    from pap_severity.tracking import Tracker
+    from pap_severity.tracking import CVRuns, Tracker
     from pap_severity.training import cross_validate
 
     cfg = tuned(cfg, best_params)
     table, split_table, source = _data(manifest, splits)
-    tracker = Tracker(cfg, source) if track else None
-    return cross_validate(cfg, pipeline, table, split_table, models, resume=resume, tracker=tracker,
+    runs = CVRuns(Tracker(cfg, source)) if track else None
+    return cross_validate(cfg, pipeline, table, split_table, models, resume=resume, callbacks=runs,
                           progress=progress)
 
 
@@ -155,7 +155,8 @@ def ensemble(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: P
     predictions_csv = pipeline_dir(models, pipeline) / PREDICTIONS_FILE
     if not predictions_csv.is_file():
         raise FileNotFoundError(f"{predictions_csv}: no predictions; run `pap-severity train --pipeline {pipeline}`")
-    folds = sorted(int(k) for k in parts["cv"]["fold"].unique())
+    cv = parts["cv"]
+    folds = sorted(int(k) for k in cv.loc[cv["repeat"] == 0, "fold"].unique())  # the first repeat's k models
     result = trust.evaluate_candidates(cfg, pipeline, [fold_checkpoint(models, pipeline, k) for k in folds],
                                        final / f"{pipeline}.pt", pd.read_csv(predictions_csv), parts["calib"],
                                        parts["test"])

@@ -14,10 +14,13 @@ MLflow mirrors the files the DVC stages write; it is never the only place a resu
   format (torch.export: no pickle, loads without this package), with a tensor signature,
   a dynamic batch dimension, and the preprocessing in its metadata and in
   `extra_files/preprocess.json`, so a registry consumer can rebuild the input.
-- The run ids go to `<models>/<pipeline>/mlflow_runs.json` (see training.cross_validate);
-  a later stage reopens the parent run with `Tracker.pipeline_run(pipeline, run_id=...)`.
+- `CVRuns` is the observer `training.cross_validate` reports to (its `CVCallbacks` methods):
+  it opens the runs, logs every epoch live, the fold's final metrics and model, and the
+  means over folds. The run ids go to `<models>/<pipeline>/mlflow_runs.json` as they are
+  made, so a resumed cross-validation reopens the same runs, and a later stage reopens the
+  parent run with `Tracker.pipeline_run(pipeline, run_id=...)`.
 
-Training uses a Tracker only when given one, so it runs without MLflow too.
+Training knows nothing of MLflow: it runs without it, and is tracked only when given a CVRuns.
 """
 
 from __future__ import annotations
@@ -210,7 +213,7 @@ class Tracker:
             yield run.info.run_id
 
     @contextmanager
-    def fold_run(self, fold: int, run_id: str | None = None) -> Iterator[str]:
+    def fold_run(self, fold: int | str, run_id: str | None = None) -> Iterator[str]:
         """A run nested in the active pipeline run (new, or run_id reopened); yields its id."""
         import mlflow
 
@@ -312,3 +315,72 @@ def _quiet_downloads() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = before
+
+
+class CVRuns:
+    """The MLflow runs of one cross-validation (training.CVCallbacks): a parent run per
+    pipeline, a nested run per fold. Their ids, and each fold's model URI once logged, are
+    written to `mlflow_runs.json` as they are made, so a resumed cross-validation (and the
+    evaluate stage) reopens the same runs and logs no model twice."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self.data: dict = {}
+        self.path: Path | None = None
+
+    @contextmanager
+    def pipeline_run(self, pipeline: str, out: Path, resume: bool) -> Iterator[str]:
+        self.path = Path(out) / RUNS_FILE
+        self.data = {}
+        if resume and self.path.is_file():
+            saved = read_runs(self.path)
+            if saved.get("pipeline") == pipeline and saved.get("experiment_id") == self.tracker.experiment_id:
+                self.data = saved
+        with self.tracker.pipeline_run(pipeline, run_id=self.data.get("parent_run_id")) as run_id:
+            self.data.update(pipeline=pipeline, experiment_id=self.tracker.experiment_id, parent_run_id=run_id)
+            self._save()
+            yield run_id
+
+    @contextmanager
+    def fold_run(self, fold: str) -> Iterator[str]:
+        saved = self._fold(fold)
+        with self.tracker.fold_run(fold, run_id=saved.get("run_id")) as run_id:
+            saved["run_id"] = run_id
+            self._save()
+            yield run_id
+
+    def on_epoch(self, entry: dict) -> None:
+        self.tracker.log_epoch(entry, step=entry["epoch"])
+
+    def on_fold_end(self, fold: str, result, metrics: dict[str, float]) -> None:
+        """The epochs of a fold trained before its run existed (finished without tracking); then,
+        unless logged before an interruption, its best epoch and the kept model's metrics
+        ("best_val_*": on its validation fold; the per-epoch curves are val_*). `result` is a
+        training.FoldResult (not imported: the stages that only log models stay off training.py)."""
+        run = self.tracker.client.get_run(self._fold(fold)["run_id"])
+        if "train_loss" not in run.data.metrics:
+            for entry in result.history:
+                self.tracker.log_epoch(entry, step=entry["epoch"])
+        if not self._logged(fold):
+            final = {("best_" + key if key.startswith("val_") else key): v for key, v in metrics.items()}
+            self.tracker.log_metrics({"best_epoch": result.best_epoch, **final})
+
+    def log_model(self, fold: str, bundle: ModelBundle, example: np.ndarray) -> None:
+        if not self._logged(fold):
+            self._fold(fold)["model_uri"] = self.tracker.log_model(bundle, input_example=example)
+            self._save()
+
+    def on_pipeline_end(self, fold_metrics: list[dict[str, float]]) -> None:
+        """`<metric>_mean` over the folds, on the parent run."""
+        means = pd.DataFrame(fold_metrics).mean(numeric_only=True)
+        self.tracker.log_metrics({f"{name}_mean": float(v) for name, v in means.items()})
+
+    def _logged(self, fold: str) -> bool:
+        """Whether the fold's final metrics and model were logged (before an interruption)."""
+        return bool(self._fold(fold).get("model_uri"))
+
+    def _fold(self, fold: str) -> dict:
+        return self.data.setdefault("folds", {}).setdefault(str(fold), {})
+
+    def _save(self) -> None:
+        write_runs(self.path, self.data)

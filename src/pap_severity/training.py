@@ -1,47 +1,57 @@
-"""The training loop, checkpoints and resume, cross-validation over the folds.
+"""Training: one plain loop in the shape of torchvision's references/classification/train.py.
 
-In the spirit of torchvision's references/classification: one plain loop, no framework.
+How a training runs (`train_fold`, `train_final`, both through `_fit`):
 
-- Input: the cached, squared cells of `CellDataset`; ImageNet statistics when the
-  backbone is ImageNet-initialised, else the channel statistics of the fold's TRAINING
-  cells. The `Preprocess` goes into every saved bundle.
-- Class imbalance (`train.balance`): per-sample loss weights (`weighted_loss`), a
-  weighted sampler with replacement (`sampler`), or nothing (`none`).
-- AdamW or SGD (fused kernels); cosine (stepped per epoch), one-cycle (stepped per batch)
-  or no schedule; early stopping on a validation metric of `evaluation.compute_metrics`
-  (higher is better except mse, mae, macro_mae) with `train.patience`; the best epoch's
-  weights are the ones kept. A NaN loss raises `TrainingDiverged`.
-- Device: `train.device: auto` picks cuda, then mps, then cpu. On CUDA only: AMP
-  (bfloat16 autocast where the GPU has it, else float16 + GradScaler) when `train.amp`, channels_last when
-  `train.channels_last` (on CPU it measured slower). `train.threads` sets torch's CPU
-  threads for the call (0: torch's default); `train.deterministic` sets torch's
-  deterministic algorithms (warn only) and the cuDNN flags.
-- Resume: after every epoch the whole training state (weights, optimizer, scheduler,
-  AMP scaler, early-stopping state, history, RNG states) is written atomically to
-  `<checkpoint>.resume`. The randomness of an epoch (batch order and every cell's
-  augmentation) is drawn from (seed, epoch, position) alone, whatever the number of
-  workers, so a run resumed after a kill gives the same result as one never killed.
-  When training ends the best weights are written to `<checkpoint>` (a plain bundle
-  for `checkpoints.load_bundle`, with the history) and the resume file is removed:
-  `<checkpoint>` exists only for a finished training.
+1. `setup_training` builds everything from the config: the datasets (the cached, squared
+   cells of `CellDataset`; ImageNet statistics when the backbone is ImageNet-initialised,
+   else the channel statistics of the TRAINING cells), the loaders, the model (its initial
+   weights depend on train.seed alone), the optimizer (AdamW or SGD, fused kernels), the
+   schedule (cosine stepped per epoch, one-cycle per batch, or none) and the AMP scaler.
+   It returns a `TrainState` (what changes from epoch to epoch) and a `TrainContext` (what
+   does not: loss settings, device, precision, class weights, mixup).
+2. With `resume`, `TrainState.load` reads `<checkpoint>.resume` back into that state.
+3. Each epoch: `train_one_epoch` (one pass, the schedule advanced), `evaluate` on the
+   validation cells (the scalar metrics of `evaluation.compute_metrics` plus `loss`),
+   `TrainState.end_epoch` (history, early stopping on train.early_stopping_metric with
+   train.patience, the best epoch's weights kept), `TrainState.save` (atomically, the whole
+   state), then the caller's hooks. A NaN loss or output raises `TrainingDiverged`.
+4. `TrainState.finish` puts the best epoch's weights back and writes `<checkpoint>`: a plain
+   bundle for `checkpoints.load_bundle` (explain, registry and serving read it) with the
+   history; the resume file is removed, so `<checkpoint>` exists only for a finished training.
 
-Epochs are numbered from 1. The per-epoch history holds `epoch`, `train_loss`, `lr`
-(the learning rate of the epoch's last step), `val_loss` and `val_<metric>` for every
-scalar metric of `compute_metrics`.
+Choices, and why:
+- Class imbalance (`train.balance`): per-sample loss weights (`weighted_loss`), a weighted
+  sampler with replacement (`sampler`), or nothing (`none`).
+- Exact resume: the randomness of an epoch (batch order, every cell's augmentation, the
+  mixup partners) is drawn from (seed, epoch, position) alone (`EpochSampler`, and
+  `np.random.default_rng([seed, epoch])` for mixup), whatever the number of workers, so a
+  run resumed after a kill gives the same weights as one never killed. A resume file or a
+  finished checkpoint is reused only when its fingerprint matches: `config.run_definition`
+  (what defines a run, shared with the tuning study), the pipeline, the epochs and the cells.
+- Device (`train.device: auto` picks cuda, then mps, then cpu) and precision come from
+  `pap_severity.devices`: `train.amp` autocasts in bf16 on CUDA and on CPUs with native bf16
+  (float16 + GradScaler on GPUs without bf16); `train.channels_last` where it pays.
+  `train.threads` sets torch's CPU threads for the call (0: torch's default);
+  `train.deterministic` sets torch's deterministic algorithms (warn only) and the cuDNN flags.
+- `cross_validate` trains one model per fold and predicts its validation fold and the test
+  part. It reports its progress to a `CVCallbacks` observer; `tracking.CVRuns` mirrors it in
+  MLflow. Nothing here imports MLflow or Optuna.
+
+Epochs are numbered from 1. The per-epoch history holds `epoch`, `train_loss`, `lr` (the
+learning rate of the epoch's last step), `val_loss` and `val_<metric>` for every scalar
+metric of `compute_metrics`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,14 +61,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
-from pap_severity.config import Config
+from pap_severity.config import Config, LossConfig, run_definition
 from pap_severity.data.dataset import CellDataset
+from pap_severity.data.splits import cv_pairs, held_out
 from pap_severity.devices import amp_dtype, amp_enabled, autocast, channels_last_pays, resolve_device
 from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, STOPPING_METRICS, compute_metrics, is_better
 from pap_severity.files import write_json, write_text
 from pap_severity.losses import NUM_CLASSES, balanced_class_weights
 from pap_severity.models import build_model
-from pap_severity.pipelines import Pipeline, get_pipeline
+from pap_severity.pipelines import get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment_transform, channel_stats
 
 RESUME_SUFFIX = ".resume"
@@ -79,7 +90,7 @@ class FoldResult:
     history: list[dict]  # per epoch: epoch, train_loss, lr, val_loss, val_<metric>...
 
 
-# Devices, seeds, determinism ------------------------------------------------------------
+# Seeds and determinism ------------------------------------------------------------------
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -100,14 +111,43 @@ def _mix(*values: int) -> int:
     return int(np.random.SeedSequence(list(values)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to n (0: unchanged) for the block."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _rng_states() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 # Data -----------------------------------------------------------------------------------
 
 
-class _EpochSampler(Sampler):
+class EpochSampler(Sampler):
     """Yields `(index, draw seed)`: the order and every draw's augmentation seed come from
     (seed, epoch) alone, so an epoch is the same whether the run was resumed or not, and
-    whatever the number of workers. Weighted draws with replacement when `weights` is given
-    (torch's WeightedRandomSampler), else a permutation."""
+    whatever the number of workers. Weighted draws with replacement when `weights` (one per
+    cell) is given (torch's WeightedRandomSampler), else a permutation."""
 
     def __init__(self, n: int, seed: int, weights: Tensor | None = None) -> None:
         self.n = n
@@ -180,98 +220,173 @@ def _datasets(cfg: Config, train_items: pd.DataFrame, val_items: pd.DataFrame | 
     return train, val, pre
 
 
-def _loader_kwargs(cfg: Config, device: torch.device) -> dict:
-    workers = cfg.train.workers
-    return {
-        "num_workers": workers,
-        "persistent_workers": workers > 0,
-        "pin_memory": device.type == "cuda",
+def _loaders(cfg: Config, train: CellDataset, val: CellDataset | None, sampler: EpochSampler,
+             device: torch.device) -> tuple[DataLoader, DataLoader | None]:
+    t = cfg.train
+    kwargs = {"num_workers": t.workers, "persistent_workers": t.workers > 0, "pin_memory": device.type == "cuda"}
+    # BatchNorm cannot train on a batch of one: drop a last batch that would hold one cell.
+    drop_last = len(train) % t.batch_size == 1
+    train_loader = DataLoader(_SeededView(train), batch_size=t.batch_size, sampler=sampler, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(t.seed), **kwargs)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train)} training cells give no full batch; lower train.batch_size")
+    val_loader = None
+    if val is not None:
+        val_loader = DataLoader(val, batch_size=max(t.batch_size, 64), shuffle=False, **kwargs)
+    return train_loader, val_loader
+
+
+# The state of a training: the checkpoint ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What stays fixed over one training: how every epoch runs. Rebuilt from the config, not saved."""
+
+    loss: LossConfig
+    device: torch.device
+    amp: bool  # autocast (devices.amp_dtype)
+    channels_last: bool
+    class_weights: Tensor | None  # one per class, on `device`, for train.balance weighted_loss; else None
+    mixup: float  # Beta(a, a) of mixup; 0: off
+    seed: int
+
+
+@dataclass
+class TrainState:
+    """Everything a training carries from one epoch to the next; it IS the resume checkpoint
+    (`save`, `load`): the model (as the bundle it will be saved as), the optimizer, schedule
+    and AMP scaler, the epochs done (the sampler's position: epoch e draws from (seed, e)),
+    the early-stopping state and the best epoch's weights, the history, and the fingerprint
+    of the run it belongs to. The process's RNG states are saved with it and restored."""
+
+    bundle: ModelBundle
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    fingerprint: str
+    epoch: int = 0  # epochs finished; the next one is epoch + 1
+    best_value: float | None = None
+    best_epoch: int = 0
+    since_best: int = 0
+    best_weights: dict[str, Tensor] | None = None  # CPU copy of the best epoch's weights
+    history: list[dict] = field(default_factory=list)
+
+    _SAVED_AS_IS = ("epoch", "best_value", "best_epoch", "since_best", "history")
+
+    def end_epoch(self, entry: dict, metric: str | None) -> None:
+        """Record a finished epoch's history entry. With a stopping metric, an epoch whose
+        `val_<metric>` improves on the best so far becomes the best (its weights kept), any
+        other one counts towards the patience; without one, every epoch is the best."""
+        self.epoch = entry["epoch"]
+        self.history.append(entry)
+        if metric is not None:
+            if not is_better(metric, entry[f"val_{metric}"], self.best_value):
+                self.since_best += 1
+                return
+            self.best_value = entry[f"val_{metric}"]
+        self.best_epoch, self.since_best = self.epoch, 0
+        self.best_weights = _cpu_state(self.bundle.model)
+
+    def stopped(self, patience: int) -> bool:
+        """Whether `patience` epochs in a row brought no improvement."""
+        return self.since_best >= patience
+
+    def save(self, path: Path) -> None:
+        """Write the whole state atomically (a bundle for `load_bundle`, the rest in its extra)."""
+        save_bundle(
+            self.bundle,
+            path,
+            fingerprint=self.fingerprint,
+            **{name: getattr(self, name) for name in self._SAVED_AS_IS},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict(),
+            # When the last epoch is the best, the bundle's weights are the best ones: not stored twice.
+            best_weights=None if self.best_epoch == self.epoch else self.best_weights,
+            rng=_rng_states(),
+            complete=False,
+        )
+
+    def load(self, path: Path) -> None:
+        """Read a state written by `save` into this one (its model, optimizer, schedule, scaler in
+        place) and restore the process's RNG states; refuses a state of another fingerprint."""
+        saved, extra = load_bundle(path)
+        if extra.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{path} was written by a training with other settings or cells; "
+                             "delete it or train without resume")
+        self.bundle.model.load_state_dict(saved.model.state_dict())
+        self.bundle.preprocess, self.bundle.meta = saved.preprocess, saved.meta
+        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(extra["scheduler"])
+        self.scaler.load_state_dict(extra["scaler"])
+        for name in self._SAVED_AS_IS:
+            setattr(self, name, extra[name])
+        self.best_weights = extra["best_weights"]
+        if self.best_weights is None and self.best_epoch == self.epoch:
+            self.best_weights = _cpu_state(self.bundle.model)
+        _set_rng_states(extra["rng"])
+
+    def finish(self, checkpoint: Path, meta: dict) -> None:
+        """Put the best epoch's weights (the last ones when no epoch had a defined metric) in the
+        model and write it at `checkpoint` as a finished bundle, its meta `meta` plus best_epoch,
+        epochs_run and best_metric; remove the resume file."""
+        if self.best_weights is None:
+            self.best_epoch, self.best_weights = self.epoch, _cpu_state(self.bundle.model)
+        self.bundle.model.load_state_dict(self.best_weights)
+        self.bundle.meta = {**meta, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+                            "best_metric": self.best_metric}
+        save_bundle(self.bundle, checkpoint, complete=True, fingerprint=self.fingerprint,
+                    best_epoch=self.best_epoch, best_metric=self.best_metric, history=self.history)
+        resume_path(checkpoint).unlink(missing_ok=True)
+
+    @property
+    def best_metric(self) -> float:
+        return float(self.best_value) if self.best_value is not None else float("nan")
+
+
+def _finished(checkpoint: Path, fingerprint: str) -> dict | None:
+    """best_epoch, best_metric and history of a finished training at `checkpoint` of the same fingerprint."""
+    if not checkpoint.is_file():
+        return None
+    try:
+        _, extra = load_bundle(checkpoint)
+    except ValueError:
+        return None
+    if extra.get("complete") and extra.get("fingerprint") == fingerprint:
+        return {key: extra[key] for key in ("best_epoch", "best_metric", "history")}
+    return None
+
+
+def resume_path(checkpoint: str | Path) -> Path:
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + RESUME_SUFFIX)
+
+
+def _fingerprint(cfg: Config, pipeline: str, epochs: int, train_items: pd.DataFrame,
+                 val_items: pd.DataFrame | None) -> str:
+    """What a resumed or reused training must share with the one that wrote the file: the run
+    definition (config.run_definition), the pipeline, the epochs it runs and its cells."""
+    settings = {
+        "run": run_definition(cfg),
+        "pipeline": pipeline,
+        "epochs": epochs,
+        "train_items": _items_key(train_items),
+        "val_items": _items_key(val_items) if val_items is not None else None,
     }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-# One epoch ------------------------------------------------------------------------------
+def _items_key(items: pd.DataFrame) -> list:
+    return sorted(zip(items["path"].astype(str), items["severity"].astype(int).tolist()))
 
 
-def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def mixup_pairs(n: int, alpha: float, rng: np.random.Generator) -> tuple[Tensor, float]:
-    """Mixup's partners and weight for a batch of n: a permutation and lam ~ Beta(alpha, alpha),
-    folded to lam >= 0.5 so that each mixed cell stays closest to its own label."""
-    lam = float(rng.beta(alpha, alpha))
-    return torch.from_numpy(rng.permutation(n)), max(lam, 1.0 - lam)
-
-
-def _train_epoch(model, loader, pipeline: Pipeline, cfg: Config, optimizer, scheduler, scaler,
-                 class_weights: Tensor | None, device, amp: bool, channels_last: bool, bar,
-                 mix_rng: np.random.Generator | None = None) -> tuple[float, float]:
-    """One pass over the training cells: (mean loss, learning rate of the last step)."""
-    model.train()
-    total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-    for x, y in loader:
-        x = _to_input(x, device, channels_last)
-        y = y.to(device, non_blocking=True)
-        weight = class_weights[y] if class_weights is not None else None
-        if mix_rng is not None:
-            partner, lam = mixup_pairs(len(y), cfg.augment.mixup, mix_rng)
-            partner = partner.to(device)
-            x = lam * x + (1 - lam) * x[partner]
-        with autocast(device, amp):
-            out = model(x)
-        loss = pipeline.loss(out.float(), y, cfg.loss, weight)
-        if mix_rng is not None:
-            partner_weight = weight[partner] if weight is not None else None
-            loss = lam * loss + (1 - lam) * pipeline.loss(out.float(), y[partner], cfg.loss, partner_weight)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the training loss became {loss.item()}; lower train.lr (now {cfg.train.lr:g})")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        lr = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        if cfg.train.scheduler == "onecycle":
-            scheduler.step()
-        total += loss.item() * len(y)
-        count += len(y)
-        bar.update(1)
-        bar.set_postfix_str(_postfix(bar, loss=loss.item()), refresh=False)
-    return total / max(count, 1), lr
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, loader, device, channels_last: bool, amp: bool = False) -> Tensor:
-    """The model's raw outputs over a loader of (image, label), on the CPU, float32."""
-    model.eval()
-    outs = []
-    for x, _ in loader:
-        with autocast(device, amp):
-            outs.append(model(_to_input(x, device, channels_last)).float().cpu())
-    return torch.cat(outs)
-
-
-def _evaluate(model, loader, pipeline: Pipeline, cfg: Config, device, amp: bool, channels_last: bool) -> dict:
-    """Validation loss and the scalar metrics of compute_metrics (un-prefixed)."""
-    outputs = _predict(model, loader, device, channels_last, amp)
-    if not torch.isfinite(outputs).all():
-        raise TrainingDiverged(f"the model's outputs became NaN or infinite; lower train.lr (now {cfg.train.lr:g})")
-    y = loader.dataset.severities
-    pred = pipeline.decode(outputs)
-    metrics = compute_metrics(y.numpy(), pred.probs.numpy(), pred.label.numpy(), pred.score.numpy())
-    scalars = {k: float(v) for k, v in metrics.items() if k in STOPPING_METRICS}
-    scalars["loss"] = float(pipeline.loss(outputs, y, cfg.loss, None))
-    return scalars
-
-
-def _postfix(bar, **values) -> str:
-    state = getattr(bar, "_pap_state", {})
-    state.update(values)
-    bar._pap_state = state
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in state.items())
-
-
-# Optimizer, schedule --------------------------------------------------------------------
+# Setup ------------------------------------------------------------------------------------
 
 
 def _optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -295,236 +410,193 @@ def _scheduler(cfg: Config, optimizer, epochs: int, steps_per_epoch: int):
     return None
 
 
-# State for resume -----------------------------------------------------------------------
-
-
-def resume_path(checkpoint: str | Path) -> Path:
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name + RESUME_SUFFIX)
-
-
-def _fingerprint(cfg: Config, pipeline: str, train_items, val_items, epochs: int) -> str:
-    """What a resumed or reused training must share with the one that wrote the file."""
-    settings = {
-        "pipeline": pipeline,
-        "epochs": epochs,
-        "model": cfg.model.model_dump(mode="json"),
-        "augment": cfg.augment.model_dump(mode="json"),
-        "loss": cfg.loss.model_dump(mode="json", by_alias=True),
-        "train": cfg.train.model_dump(mode="json", exclude={"pipelines", "workers", "device", "epochs", "threads"}),
-        "train_items": _items_key(train_items),
-        "val_items": _items_key(val_items) if val_items is not None else None,
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _items_key(items: pd.DataFrame) -> list:
-    return sorted(zip(items["path"].astype(str), items["severity"].astype(int).tolist()))
-
-
-def _rng_states() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _bundle(model, pipeline: Pipeline, cfg: Config, pre: Preprocess, meta: dict) -> ModelBundle:
-    return ModelBundle(model=model, pipeline=pipeline, arch=cfg.model.arch, preprocess=pre, meta=meta)
-
-
-def _finished(checkpoint: Path, fingerprint: str) -> dict | None:
-    """The extra state of a finished training at `checkpoint` made with the same settings."""
-    if not checkpoint.is_file():
-        return None
-    try:
-        _, extra = load_bundle(checkpoint)
-    except ValueError:
-        return None
-    if extra.get("complete") and extra.get("fingerprint") == fingerprint:
-        return extra
-    return None
-
-
-# The loop -------------------------------------------------------------------------------
-
-
-def _fit(cfg: Config, pipeline_name: str, train_items: pd.DataFrame, val_items: pd.DataFrame | None,
-         checkpoint: Path, **kwargs) -> FoldResult:
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return _fit_in(cfg, pipeline_name, train_items, val_items, Path(checkpoint), **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _fit_in(cfg: Config, pipeline_name: str, train_items: pd.DataFrame, val_items: pd.DataFrame | None,
-            checkpoint: Path, *, epochs: int, resume: bool, on_epoch, progress: bool, fold: int,
-            tracker=None, meta: dict | None = None) -> FoldResult:
+def setup_training(cfg: Config, pipeline: str, train_items: pd.DataFrame, val_items: pd.DataFrame | None, *,
+                   epochs: int, meta: dict | None = None,
+                   ) -> tuple[TrainState, TrainContext, DataLoader, DataLoader | None]:
+    """A fresh training of `pipeline` on the cells of `train_items` (validated on `val_items`,
+    or None): its state before the first epoch, its context, the training loader (its sampler
+    an `EpochSampler`) and the validation loader. Seeds the process (train.seed)."""
     t = cfg.train
-    metric = t.early_stopping_metric
-    if val_items is not None and metric not in STOPPING_METRICS:
-        raise ValueError(
-            f"train.early_stopping_metric {metric!r} is not a metric; choose from {', '.join(sorted(STOPPING_METRICS))}"
-        )
-    pipeline = get_pipeline(pipeline_name)
-    fingerprint = _fingerprint(cfg, pipeline_name, train_items, val_items, epochs)
-    state_file = resume_path(checkpoint)
-
-    if resume and (done := _finished(checkpoint, fingerprint)) is not None:
-        return FoldResult(fold, checkpoint, done["best_epoch"], done["best_metric"], done["history"])
-
+    spec = get_pipeline(pipeline)  # its head, loss and decoder
     device = resolve_device(t.device)
     amp = amp_enabled(device, t.amp)
     seed_everything(t.seed, t.deterministic)
     train_set, val_set, pre = _datasets(cfg, train_items, val_items)
-
     labels = train_set.severities
     class_weights = balanced_class_weights(labels)
-    sampler = _EpochSampler(len(train_set), t.seed, class_weights[labels] if t.balance == "sampler" else None)
-    loss_weights = class_weights.to(device) if t.balance == "weighted_loss" else None
-    kwargs = _loader_kwargs(cfg, device)
-    # BatchNorm cannot train on a batch of one: drop a last batch that would hold one cell.
-    drop_last = len(train_set) % t.batch_size == 1
-    train_loader = DataLoader(_SeededView(train_set), batch_size=t.batch_size, sampler=sampler,
-                              drop_last=drop_last, generator=torch.Generator().manual_seed(t.seed), **kwargs)
-    val_loader = None
-    if val_set is not None:
-        val_loader = DataLoader(val_set, batch_size=max(t.batch_size, 64), shuffle=False, **kwargs)
-    steps = len(train_loader)
-    if steps == 0:
-        raise ValueError(f"{len(train_set)} training cells give no full batch; lower train.batch_size")
+    sampler = EpochSampler(len(train_set), t.seed, class_weights[labels] if t.balance == "sampler" else None)
+    train_loader, val_loader = _loaders(cfg, train_set, val_set, sampler, device)
 
     torch.manual_seed(t.seed)  # the initial weights depend on the seed alone
-    model = build_model(cfg.model.arch, cfg.model.weights, pipeline.head).to(device)
+    model = build_model(cfg.model.arch, cfg.model.weights, spec.head).to(device)
     channels_last = t.channels_last and channels_last_pays(device, amp)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(cfg, model)
-    scheduler = _scheduler(cfg, optimizer, epochs, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16)
-
-    start, history = 1, []
-    best_value: float | None = None
-    best_epoch, since_best = 0, 0
-    best_state: dict | None = None
-    if resume and state_file.is_file():
-        saved, extra = load_bundle(state_file)
-        if extra.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"{state_file} was written by a training with other settings or cells; "
-                "delete it or train without resume"
-            )
-        model.load_state_dict(saved.model.state_dict())
-        optimizer.load_state_dict(extra["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(extra["scheduler"])
-        scaler.load_state_dict(extra["scaler"])
-        history = extra["history"]
-        start = extra["epoch"] + 1
-        best_value, best_epoch, since_best = extra["best_value"], extra["best_epoch"], extra["since_best"]
-        best_state = extra["best_state"]
-        if best_state is None and best_epoch == extra["epoch"]:  # the saved weights are the best ones
-            best_state = _cpu_state(model)
-        _set_rng_states(extra["rng"])
-        pre = saved.preprocess
-
-    desc = f"{pipeline_name} fold {fold}" if val_items is not None else f"{pipeline_name} final"
-    bar = tqdm(total=epochs * steps, initial=(start - 1) * steps, desc=desc, unit="batch",
-               disable=not progress, leave=True, dynamic_ncols=True)
-    try:
-        epoch = start
-        while epoch <= epochs and not (val_loader is not None and since_best >= t.patience):
-            sampler.set_epoch(epoch)
-            _postfix(bar, epoch=f"{epoch}/{epochs}")
-            mix_rng = np.random.default_rng([t.seed, epoch]) if cfg.augment.mixup > 0 else None
-            train_loss, lr = _train_epoch(model, train_loader, pipeline, cfg, optimizer, scheduler, scaler,
-                                          loss_weights, device, amp, channels_last, bar, mix_rng)
-            if t.scheduler == "cosine":
-                scheduler.step()
-            entry: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": lr}
-            metrics: dict[str, float] = {}
-            if val_loader is not None:
-                metrics = _evaluate(model, val_loader, pipeline, cfg, device, amp, channels_last)
-                entry.update({f"val_{k}": v for k, v in metrics.items()})
-                if is_better(metric, metrics[metric], best_value):
-                    best_value, best_epoch, since_best = metrics[metric], epoch, 0
-                    best_state = None  # this epoch's weights: taken below
-                else:
-                    since_best += 1
-            else:
-                best_epoch, best_state = epoch, None
-            if best_state is None and best_epoch == epoch:
-                best_state = _cpu_state(model)
-            history.append(entry)
-            shown = {"loss": train_loss}
-            if metrics:
-                shown[f"val_{metric}"] = metrics[metric]
-            bar.set_postfix_str(_postfix(bar, **shown))
-            if tracker is not None:
-                tracker.log_epoch(entry, step=epoch)
-            save_bundle(
-                _bundle(model, pipeline, cfg, pre, dict(meta or {})),
-                state_file,
-                fingerprint=fingerprint,
-                epoch=epoch,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                scaler=scaler.state_dict(),
-                history=history,
-                best_value=best_value,
-                best_epoch=best_epoch,
-                since_best=since_best,
-                # When this epoch is the best, the weights above are the best ones.
-                best_state=None if best_epoch == epoch else best_state,
-                rng=_rng_states(),
-                complete=False,
-            )
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-            epoch += 1
-    finally:
-        bar.close()
-
-    if best_state is None:  # no epoch had a defined metric: keep the last weights
-        best_epoch, best_state = history[-1]["epoch"], _cpu_state(model)
-    model.load_state_dict(best_state)
-    best_metric = float(best_value) if best_value is not None else float("nan")
-    info = {
-        **(meta or {}),
-        "fold": fold,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "early_stopping_metric": metric if val_items is not None else None,
-        "best_metric": best_metric,
-    }
-    save_bundle(
-        _bundle(model, pipeline, cfg, pre, info),
-        checkpoint,
-        complete=True,
-        fingerprint=fingerprint,
-        best_epoch=best_epoch,
-        best_metric=best_metric,
-        history=history,
+    state = TrainState(
+        bundle=ModelBundle(model=model, pipeline=spec, arch=cfg.model.arch, preprocess=pre, meta=dict(meta or {})),
+        optimizer=optimizer,
+        scheduler=_scheduler(cfg, optimizer, epochs, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype(device) == torch.float16),
+        fingerprint=_fingerprint(cfg, pipeline, epochs, train_items, val_items),
     )
-    state_file.unlink(missing_ok=True)
-    return FoldResult(fold, checkpoint, best_epoch, best_metric, history)
+    ctx = TrainContext(
+        loss=cfg.loss,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        class_weights=class_weights.to(device) if t.balance == "weighted_loss" else None,
+        mixup=cfg.augment.mixup,
+        seed=t.seed,
+    )
+    return state, ctx, train_loader, val_loader
+
+
+# One epoch --------------------------------------------------------------------------------
+
+
+def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def mixup_pairs(n: int, alpha: float, rng: np.random.Generator) -> tuple[Tensor, float]:
+    """Mixup's partners and weight for a batch of n: a permutation and lam ~ Beta(alpha, alpha),
+    folded to lam >= 0.5 so that each mixed cell stays closest to its own label."""
+    lam = float(rng.beta(alpha, alpha))
+    return torch.from_numpy(rng.permutation(n)), max(lam, 1.0 - lam)
+
+
+def _batch_loss(state: TrainState, ctx: TrainContext, x: Tensor, y: Tensor,
+                mix_rng: np.random.Generator | None) -> Tensor:
+    """The pipeline's loss of one batch (class-weighted when ctx has weights), mixed up when mix_rng is given."""
+    loss_of = state.bundle.pipeline.loss
+    weight = ctx.class_weights[y] if ctx.class_weights is not None else None
+    if mix_rng is None:
+        with autocast(ctx.device, ctx.amp):
+            out = state.bundle.model(x)
+        return loss_of(out.float(), y, ctx.loss, weight)
+    partner, lam = mixup_pairs(len(y), ctx.mixup, mix_rng)
+    partner = partner.to(ctx.device)
+    with autocast(ctx.device, ctx.amp):
+        out = state.bundle.model(lam * x + (1 - lam) * x[partner])
+    partner_weight = weight[partner] if weight is not None else None
+    return (lam * loss_of(out.float(), y, ctx.loss, weight)
+            + (1 - lam) * loss_of(out.float(), y[partner], ctx.loss, partner_weight))
+
+
+def train_one_epoch(state: TrainState, ctx: TrainContext, loader: DataLoader, epoch: int,
+                    bar: tqdm | None = None) -> tuple[float, float]:
+    """Train `state`'s model for epoch `epoch` (one pass over `loader`) and advance its schedule
+    (per batch for one-cycle, else per epoch): (mean loss, learning rate of the last step).
+
+    Mixup draws from np.random.default_rng([seed, epoch]): an epoch is the same resumed or not."""
+    model, optimizer, scheduler = state.bundle.model, state.optimizer, state.scheduler
+    per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
+    mix_rng = np.random.default_rng([ctx.seed, epoch]) if ctx.mixup > 0 else None
+    model.train()
+    total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
+    for x, y in loader:
+        x = _to_input(x, ctx.device, ctx.channels_last)
+        y = y.to(ctx.device, non_blocking=True)
+        loss = _batch_loss(state, ctx, x, y, mix_rng)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the training loss became {loss.item()}; "
+                                   f"lower train.lr (now {optimizer.defaults['lr']:g})")
+        optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        lr = optimizer.param_groups[0]["lr"]
+        state.scaler.step(optimizer)
+        state.scaler.update()
+        if per_batch:
+            scheduler.step()
+        total += loss.item() * len(y)
+        count += len(y)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(_postfix(bar, loss=loss.item()), refresh=False)
+    if scheduler is not None and not per_batch:
+        scheduler.step()
+    return total / max(count, 1), lr
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, loader, device, channels_last: bool, amp: bool = False) -> Tensor:
+    """The model's raw outputs over a loader of (image, label), on the CPU, float32."""
+    model.eval()
+    outs = []
+    for x, _ in loader:
+        with autocast(device, amp):
+            outs.append(model(_to_input(x, device, channels_last)).float().cpu())
+    return torch.cat(outs)
+
+
+def evaluate(bundle: ModelBundle, ctx: TrainContext, loader: DataLoader) -> dict[str, float]:
+    """The bundle's validation loss (un-weighted) and the scalar metrics of compute_metrics
+    (un-prefixed) over a loader of a CellDataset."""
+    outputs = _predict(bundle.model, loader, ctx.device, ctx.channels_last, ctx.amp)
+    if not torch.isfinite(outputs).all():
+        raise TrainingDiverged("the model's outputs became NaN or infinite; lower train.lr")
+    y = loader.dataset.severities
+    pred = bundle.pipeline.decode(outputs)
+    metrics = compute_metrics(y.numpy(), pred.probs.numpy(), pred.label.numpy(), pred.score.numpy())
+    scalars = {k: float(v) for k, v in metrics.items() if k in STOPPING_METRICS}
+    scalars["loss"] = float(bundle.pipeline.loss(outputs, y, ctx.loss, None))
+    return scalars
+
+
+def _postfix(bar, **values) -> str:
+    state = getattr(bar, "_pap_state", {})
+    state.update(values)
+    bar._pap_state = state
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in state.items())
+
+
+# The loop ---------------------------------------------------------------------------------
+
+
+def _fit(cfg: Config, pipeline: str, train_items: pd.DataFrame, val_items: pd.DataFrame | None,
+         checkpoint: Path, *, epochs: int, resume: bool, progress: bool, fold: int, meta: dict,
+         on_epoch: Callable[[int, dict], None] | None = None,
+         log_epoch: Callable[[dict], None] | None = None) -> FoldResult:
+    metric = cfg.train.early_stopping_metric if val_items is not None else None
+    if metric is not None and metric not in STOPPING_METRICS:
+        raise ValueError(f"train.early_stopping_metric {metric!r} is not a metric; "
+                         f"choose from {', '.join(sorted(STOPPING_METRICS))}")
+    checkpoint = Path(checkpoint)
+    done = _finished(checkpoint, _fingerprint(cfg, pipeline, epochs, train_items, val_items)) if resume else None
+    if done is not None:
+        return FoldResult(fold, checkpoint, **done)
+
+    with _torch_threads(cfg.train.threads):
+        state, ctx, train_loader, val_loader = setup_training(cfg, pipeline, train_items, val_items,
+                                                              epochs=epochs, meta=meta)
+        state_file = resume_path(checkpoint)
+        if resume and state_file.is_file():
+            state.load(state_file)
+        steps = len(train_loader)
+        desc = f"{pipeline} fold {fold}" if val_items is not None else f"{pipeline} final"
+        with tqdm(total=epochs * steps, initial=state.epoch * steps, desc=desc, unit="batch",
+                  disable=not progress, leave=True, dynamic_ncols=True) as bar:
+            while state.epoch < epochs and not state.stopped(cfg.train.patience):
+                epoch = state.epoch + 1
+                train_loader.sampler.set_epoch(epoch)
+                _postfix(bar, epoch=f"{epoch}/{epochs}")
+                train_loss, lr = train_one_epoch(state, ctx, train_loader, epoch, bar)
+                metrics = evaluate(state.bundle, ctx, val_loader) if val_loader is not None else {}
+                entry = {"epoch": epoch, "train_loss": train_loss, "lr": lr,
+                         **{f"val_{k}": v for k, v in metrics.items()}}
+                state.end_epoch(entry, metric)
+                shown = {"loss": train_loss, **({f"val_{metric}": metrics[metric]} if metrics else {})}
+                bar.set_postfix_str(_postfix(bar, **shown))
+                if log_epoch is not None:
+                    log_epoch(entry)
+                state.save(state_file)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+
+    state.finish(checkpoint, {**meta, "fold": fold, "early_stopping_metric": metric})
+    return FoldResult(fold, checkpoint, state.best_epoch, state.best_metric, state.history)
 
 
 def train_fold(
@@ -538,21 +610,21 @@ def train_fold(
     on_epoch: Callable[[int, dict], None] | None = None,
     progress: bool = True,
     fold: int = 0,
-    tracker=None,
+    log_epoch: Callable[[dict], None] | None = None,
 ) -> FoldResult:
     """Train one model on `train_items`, early-stopped on `val_items`; the best epoch's weights
     are saved at `checkpoint` (a bundle for `load_bundle`, with the history in its extra).
 
     items: DataFrames with columns path, severity (0..4). `on_epoch(epoch, metrics)` runs after
     each epoch with the validation metrics (keys of compute_metrics plus `loss`); an exception
-    it raises (optuna.TrialPruned) propagates, the epoch's state already saved. `resume=True`
-    continues from `<checkpoint>.resume`, or returns a finished training at `checkpoint` made
-    with the same settings and cells without training again. `tracker` (tracking.Tracker,
-    optional) gets every epoch's history entry.
+    it raises (optuna.TrialPruned) propagates, the epoch's state already saved. `log_epoch(entry)`
+    gets every epoch's history entry (epoch, train_loss, lr, val_*) before it is saved.
+    `resume=True` continues from `<checkpoint>.resume`, or returns a finished training at
+    `checkpoint` made with the same settings and cells without training again.
     """
     return _fit(cfg, pipeline, train_items, val_items, checkpoint, epochs=cfg.train.epochs, resume=resume,
-                on_epoch=on_epoch, progress=progress, fold=fold, tracker=tracker,
-                meta={"pipeline": pipeline, "role": "cv"})
+                progress=progress, fold=fold, meta={"pipeline": pipeline, "role": "cv"},
+                on_epoch=on_epoch, log_epoch=log_epoch)
 
 
 def train_final(
@@ -568,13 +640,13 @@ def train_final(
 ) -> ModelBundle:
     """Train on every cv cell (all folds) for a fixed number of epochs (default
     train.epochs), without validation nor early stopping: the model for the registry."""
-    cv = split_items(manifest, splits)["cv"]
+    cv = split_items(manifest, splits)["cv"].drop_duplicates("path")  # every repeat holds every cv cell
     _fit(cfg, pipeline, cv, None, Path(checkpoint), epochs=epochs or cfg.train.epochs, resume=resume,
-         on_epoch=None, progress=progress, fold=-1, meta={"pipeline": pipeline, "role": "final"})
+         progress=progress, fold=-1, meta={"pipeline": pipeline, "role": "final"})
     return load_bundle(checkpoint)[0]
 
 
-# Prediction and cross-validation ----------------------------------------------------------
+# Prediction and cross-validation ------------------------------------------------------------
 
 
 def predict_items(bundle: ModelBundle, items: pd.DataFrame, batch_size: int = 64) -> pd.DataFrame:
@@ -600,8 +672,9 @@ def predict_items(bundle: ModelBundle, items: pd.DataFrame, batch_size: int = 64
 
 
 def split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The cv, calib and test rows of splits (path, sha256 when present, severity, part, fold), checked
-    against the manifest; a part the splits lack is an empty frame."""
+    """The cv, calib and test rows of splits (path, sha256 when present, severity, repeat, part,
+    fold), checked against the manifest. cv holds a row per (cell, repeat); calib and test one row
+    per cell (they are the same in every repeat); a part the splits lack is an empty frame."""
     missing = {"path", "severity", "part", "fold"} - set(splits.columns)
     if missing:
         raise ValueError(f"splits table lacks columns {sorted(missing)}")
@@ -611,13 +684,23 @@ def split_items(manifest: pd.DataFrame, splits: pd.DataFrame) -> dict[str, pd.Da
             f"{len(unknown)} cells of the splits are not in the manifest (e.g. {sorted(unknown)[0]}); "
             "rebuild the splits from this manifest (`pap-severity data split`)"
         )
-    rows = splits.loc[:, [c for c in ("path", "sha256", "severity", "part", "fold") if c in splits.columns]].copy()
-    rows["severity"] = rows["severity"].astype(int)
-    rows["fold"] = rows["fold"].astype(int)
-    parts = {part: rows[rows["part"] == part].reset_index(drop=True) for part in ("cv", "calib", "test")}
+    rows = splits.loc[:, [c for c in ("path", "sha256", "severity", "repeat", "part", "fold")
+                          if c in splits.columns]].copy()
+    if "repeat" not in rows.columns:
+        rows.insert(rows.columns.get_loc("part"), "repeat", 0)
+    rows[["severity", "repeat", "fold"]] = rows[["severity", "repeat", "fold"]].astype(int)
+    parts = {"cv": rows[rows["part"] == "cv"].reset_index(drop=True)}
+    for part in ("calib", "test"):
+        parts[part] = held_out(rows, part)
     if parts["cv"].empty:
         raise ValueError("the splits hold no cv cells to train on")
     return parts
+
+
+def split_label(repeat: int, fold: int) -> str:
+    """How a (repeat, fold) split is named in files and runs: the fold alone in the first repeat
+    (so a single split reads as before), `<fold>-r<repeat>` in the others."""
+    return str(fold) if repeat == 0 else f"{fold}-r{repeat}"
 
 
 def pipeline_dir(out_dir: str | Path, pipeline: str) -> Path:
@@ -625,13 +708,63 @@ def pipeline_dir(out_dir: str | Path, pipeline: str) -> Path:
     return Path(out_dir) / pipeline
 
 
-def fold_checkpoint(out_dir: str | Path, pipeline: str, fold: int) -> Path:
-    return pipeline_dir(out_dir, pipeline) / f"fold{fold}.pt"
+def fold_checkpoint(out_dir: str | Path, pipeline: str, fold: int, repeat: int = 0) -> Path:
+    return pipeline_dir(out_dir, pipeline) / f"fold{split_label(repeat, fold)}.pt"
 
 
-def _example_input(dataset: CellDataset, n: int = 2) -> np.ndarray:
-    """A few preprocessed cells as a float32 array: the input example logged with a model."""
-    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).numpy().astype(np.float32)
+class CVCallbacks:
+    """What `cross_validate` reports while it runs, in this order: `pipeline_run` (open for the
+    whole pipeline), then per fold `fold_run` (open for the fold) holding `on_epoch` per epoch,
+    then `on_fold_end` and `log_model`; last `on_pipeline_end`. This one does nothing; an
+    observer (tracking.CVRuns, for MLflow) has the same methods and need not subclass it."""
+
+    def pipeline_run(self, pipeline: str, out: Path, resume: bool):
+        """A context open while the pipeline's folds run; `out` is the pipeline's folder."""
+        return nullcontext()
+
+    def fold_run(self, fold: str):
+        """A context open while split `fold` (its `split_label`) trains, is predicted and reported."""
+        return nullcontext()
+
+    def on_epoch(self, entry: dict) -> None:
+        """An epoch's history entry (epoch, train_loss, lr, val_*) of the open fold."""
+
+    def on_fold_end(self, fold: str, result: FoldResult, metrics: dict[str, float]) -> None:
+        """The fold's training (a finished one reused on resume too) and the kept model's
+        metrics: val_<metric> on its validation fold, test_<metric> on the test part."""
+
+    def log_model(self, fold: str, bundle: ModelBundle, example: np.ndarray) -> None:
+        """The fold's kept model and a few of its preprocessed validation cells (float32)."""
+
+    def on_pipeline_end(self, fold_metrics: list[dict[str, float]]) -> None:
+        """The metrics of every fold, in fold order."""
+
+
+def _predict_fold(bundle: ModelBundle, pipeline: str, repeat: int, fold: int,
+                  parts: dict[str, pd.DataFrame]) -> tuple[list[pd.DataFrame], dict[str, float]]:
+    """The prediction tables of a fold model on each non-empty part (val, calib, test) and its
+    `<part>_<metric>` scalars."""
+    tables, metrics = [], {}
+    for part, items in parts.items():
+        if items.empty:
+            continue
+        table = predict_items(bundle, items)
+        table.insert(0, "part", part)
+        table.insert(0, "fold", fold)
+        table.insert(0, "repeat", repeat)
+        table.insert(0, "pipeline", pipeline)
+        tables.append(table)
+        m = compute_metrics(table["severity"].to_numpy(), table[PROB_COLUMNS].to_numpy(),
+                            table["pred"].to_numpy(), table["score"].to_numpy())
+        metrics.update({f"{part}_{name}": float(v) for name, v in m.items() if name in STOPPING_METRICS})
+    return tables, metrics
+
+
+def _example_input(bundle: ModelBundle, items: pd.DataFrame, n: int = 2) -> np.ndarray:
+    """A few cells of `items`, preprocessed as the bundle does, as a float32 array."""
+    cells = CellDataset(items["path"].astype(str).tolist()[:n], items["severity"].astype(int).tolist()[:n],
+                        bundle.preprocess, None)
+    return torch.stack([cells[i][0] for i in range(len(cells))]).numpy().astype(np.float32)
 
 
 def cross_validate(
@@ -642,65 +775,47 @@ def cross_validate(
     out_dir: Path,
     *,
     resume: bool = False,
-    tracker=None,
+    callbacks: CVCallbacks | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One model per cv fold (that fold validates and early-stops it), each predicted on its
-    validation fold and on the held-out test part.
+    """One model per cv fold of every repeat (that fold validates and early-stops it), each
+    predicted on its validation fold, the calibration part and the held-out test part.
 
-    Writes under `out_dir/<pipeline>/`: `fold<k>.pt` (bundles), `predictions.csv` (columns
-    pipeline, fold, part (val|calib|test), path, severity, pred, score, p0..p4: returned too),
-    `training.json` (per fold: best epoch, metrics, history) and, with a tracker
-    (tracking.Tracker), `mlflow_runs.json` (parent and fold run ids, model URIs).
-    `resume=True` reuses finished folds and continues an interrupted one, in the same
-    MLflow runs.
+    Writes under `out_dir/<pipeline>/`: `fold<label>.pt` (bundles; `split_label`),
+    `predictions.csv` (columns pipeline, repeat, fold, part (val|calib|test), path, severity, pred,
+    score, p0..p4: returned too) and `training.json` (per split label: repeat, fold, best epoch,
+    metrics, history). `callbacks` (a CVCallbacks, e.g. tracking.CVRuns, which adds
+    `mlflow_runs.json`) is told of every step, a split named by its label. `resume=True` reuses
+    finished folds and continues an interrupted one.
     """
     get_pipeline(pipeline)
     parts = split_items(manifest, splits)
     cv, calib, test = parts["cv"], parts["calib"], parts["test"]
-    folds = sorted(int(k) for k in cv["fold"].unique() if k >= 0)
-    if len(folds) < 2:
-        raise ValueError(f"the splits hold {len(folds)} cv fold(s); cross-validation needs at least 2")
+    pairs = list(cv_pairs(cv))
+    if len({k for r, k, _, _ in pairs if r == 0}) < 2:
+        raise ValueError(f"the splits hold {len(pairs)} cv fold(s); cross-validation needs at least 2")
     out = pipeline_dir(out_dir, pipeline)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.train.device)
-    runs = _RunIds(out, pipeline, tracker, resume)
+    callbacks = callbacks if callbacks is not None else CVCallbacks()
 
     tables, summary, fold_metrics = [], {}, []
-    with runs.pipeline_run():
-        for k in folds:
-            with runs.fold_run(k):
-                train_items, val_items = cv[cv["fold"] != k], cv[cv["fold"] == k]
-                result = train_fold(cfg, pipeline, train_items, val_items, fold_checkpoint(out_dir, pipeline, k),
-                                    resume=resume, progress=progress, fold=k, tracker=tracker)
+    with callbacks.pipeline_run(pipeline, out, resume):
+        for r, k, train_items, val_items in pairs:
+            label = split_label(r, k)
+            with callbacks.fold_run(label):
+                result = train_fold(cfg, pipeline, train_items, val_items, fold_checkpoint(out_dir, pipeline, k, r),
+                                    resume=resume, progress=progress, fold=k, log_epoch=callbacks.on_epoch)
                 bundle, _ = load_bundle(result.checkpoint, map_location=device)
-                metrics = {}
-                for part, items in (("val", val_items), ("calib", calib), ("test", test)):
-                    if items.empty:
-                        continue
-                    table = predict_items(bundle, items)
-                    table.insert(0, "part", part)
-                    table.insert(0, "fold", k)
-                    table.insert(0, "pipeline", pipeline)
-                    tables.append(table)
-                    m = compute_metrics(table["severity"].to_numpy(), table[PROB_COLUMNS].to_numpy(),
-                                        table["pred"].to_numpy(), table["score"].to_numpy())
-                    metrics.update({f"{part}_{name}": float(v) for name, v in m.items() if name in STOPPING_METRICS})
+                fold_tables, metrics = _predict_fold(bundle, pipeline, r, k,
+                                                     {"val": val_items, "calib": calib, "test": test})
+                tables += fold_tables
                 fold_metrics.append(metrics)
-                summary[str(k)] = {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
-                                   "metrics": metrics, "history": result.history}
-                if tracker is not None:
-                    runs.backfill_history(k, result.history)
-                if tracker is not None and not runs.fold_logged(k):
-                    # "best_val_*": the kept model on its validation fold (the per-epoch curves are val_*).
-                    final = {("best_" + key if key.startswith("val_") else key): v for key, v in metrics.items()}
-                    tracker.log_metrics({"best_epoch": result.best_epoch, **final})
-                    examples = CellDataset(val_items["path"].astype(str).tolist()[:2],
-                                           val_items["severity"].astype(int).tolist()[:2], bundle.preprocess, None)
-                    runs.log_model(k, bundle, _example_input(examples))
-        if tracker is not None:
-            means = pd.DataFrame(fold_metrics).mean(numeric_only=True)
-            tracker.log_metrics({f"{name}_mean": float(v) for name, v in means.items()})
+                summary[label] = {"repeat": r, "fold": k, "best_epoch": result.best_epoch,
+                                  "best_metric": result.best_metric, "metrics": metrics, "history": result.history}
+                callbacks.on_fold_end(label, result, metrics)
+                callbacks.log_model(label, bundle, _example_input(bundle, val_items))
+        callbacks.on_pipeline_end(fold_metrics)
 
     predictions = pd.concat(tables, ignore_index=True).loc[:, list(PREDICTION_COLUMNS)]
     write_text(out / PREDICTIONS_FILE, predictions.to_csv(index=False))
@@ -708,81 +823,26 @@ def cross_validate(
     return predictions
 
 
-class _RunIds:
-    """The MLflow runs of one cross-validation, written to `mlflow_runs.json` as they are made,
-    so that a resumed cross-validation (and the evaluate stage) reopens the same runs."""
-
-    def __init__(self, out: Path, pipeline: str, tracker, resume: bool) -> None:
-        self.tracker = tracker
-        self.pipeline = pipeline
-        self.data: dict = {}
-        if tracker is None:
-            return
-        from pap_severity.tracking import RUNS_FILE, read_runs
-
-        self.path = out / RUNS_FILE
-        if resume and self.path.is_file():
-            saved = read_runs(self.path)
-            if saved.get("pipeline") == pipeline and saved.get("experiment_id") == tracker.experiment_id:
-                self.data = saved
-
-    @contextmanager
-    def pipeline_run(self):
-        if self.tracker is None:
-            yield None
-            return
-        with self.tracker.pipeline_run(self.pipeline, run_id=self.data.get("parent_run_id")) as run_id:
-            self.data.update(pipeline=self.pipeline, experiment_id=self.tracker.experiment_id,
-                             parent_run_id=run_id)
-            self._save()
-            yield run_id
-
-    @contextmanager
-    def fold_run(self, k: int):
-        if self.tracker is None:
-            yield None
-            return
-        fold = self._fold(k)
-        with self.tracker.fold_run(k, run_id=fold.get("run_id")) as run_id:
-            fold["run_id"] = run_id
-            self._save()
-            yield run_id
-
-    def backfill_history(self, k: int, history: list[dict]) -> None:
-        """Log the epochs of a fold trained before this run existed (finished without tracking)."""
-        run = self.tracker.client.get_run(self._fold(k)["run_id"])
-        if "train_loss" not in run.data.metrics:
-            for entry in history:
-                self.tracker.log_epoch(entry, step=entry["epoch"])
-
-    def fold_logged(self, k: int) -> bool:
-        """Whether fold k's final metrics and model were logged (before an interruption)."""
-        return bool(self._fold(k).get("model_uri"))
-
-    def log_model(self, k: int, bundle: ModelBundle, example: np.ndarray) -> None:
-        self._fold(k)["model_uri"] = self.tracker.log_model(bundle, input_example=example)
-        self._save()
-
-    def _fold(self, k: int) -> dict:
-        return self.data.setdefault("folds", {}).setdefault(str(k), {})
-
-    def _save(self) -> None:
-        from pap_severity.tracking import write_runs
-
-        write_runs(self.path, self.data)
-
-
 __all__ = [
+    "CVCallbacks",
+    "EpochSampler",
     "FoldResult",
+    "TrainContext",
+    "TrainState",
     "TrainingDiverged",
     "cross_validate",
+    "evaluate",
     "fold_checkpoint",
     "is_better",
+    "mixup_pairs",
     "pipeline_dir",
     "predict_items",
     "resolve_device",
     "resume_path",
     "seed_everything",
+    "setup_training",
+    "split_items",
     "train_final",
     "train_fold",
+    "train_one_epoch",
 ]

@@ -5,8 +5,9 @@ candidates a user may serve, fits each one's temperature and referral threshold 
 calibration part (cells no model trained or early-stopped on, never the test part), then
 measures them once on the held-out test part:
 
-- `single`: one fold model, no TTA (mean ± std over the fold models, each calibrated alone);
-- `ensemble`: the k fold models averaged, no TTA;
+- `single`: one fold model, no TTA (mean ± std over the fold models of every repeat, each
+  calibrated alone);
+- `ensemble`: the k fold models of the first repeat averaged, no TTA;
 - `ensemble_tta`: the same in the 8 dihedral poses;
 - `final`: the model trained on every cv cell, with the configured TTA.
 
@@ -134,7 +135,8 @@ def _row(cand: Candidate, max_rate: float) -> tuple[dict, float, float, pd.DataF
 def _single_rows(predictions: pd.DataFrame, label_from_score: bool, max_rate: float) -> tuple[dict, list]:
     """The `single` row: every fold model calibrated and measured alone, then mean ± std."""
     per_fold = []
-    for _, rows in predictions.groupby("fold", sort=True):
+    keys = ["repeat", "fold"] if "repeat" in predictions.columns else ["fold"]
+    for _, rows in predictions.groupby(keys, sort=True):
         tables = {part: rows[rows["part"] == part].reset_index(drop=True) for part in ("calib", "test")}
         for table in tables.values():
             table["entropy"] = entropy(torch.as_tensor(table[PROB_COLUMNS].to_numpy())).numpy()
