@@ -255,11 +255,13 @@ def train_final(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params
 def explain(pipeline: PipelineOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Integrated Gradients report of a final model on the test part, with At_N / At_C per class."""
     from pap_severity import stages
+    from pap_severity.explain import GALLERY_FILE, REPORT_FILE
     from pap_severity.pipelines import get_pipeline
 
     get_pipeline(pipeline)
     stages.explain(_config(params), pipeline)
-    typer.echo(f"report: {stages.EXPLAIN / pipeline / 'report.html'}")
+    typer.echo(f"report: {stages.EXPLAIN / pipeline / REPORT_FILE}; misclassified cells: "
+               f"{stages.EXPLAIN / pipeline / GALLERY_FILE}")
 
 
 @app.command("register")

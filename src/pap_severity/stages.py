@@ -160,7 +160,8 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
 
 def explain(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
             final: Path = FINAL, out: Path = EXPLAIN, progress: bool = True) -> dict:
-    """The IG report of a final model on the held-out test part: report.html, attributions.csv, summary.json."""
+    """The IG report of a final model on the held-out test part: report.html, attributions.csv, summary.json,
+    and gallery.html, its misclassified cells."""
     from pap_severity.checkpoints import load_bundle
     from pap_severity.explain import explain_report
 
