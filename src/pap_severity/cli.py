@@ -285,9 +285,9 @@ def register(
 @clean_errors
 def report(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """reports/index.html: one page linking everything the pipeline produced."""
-    from pap_severity.report import write_index
+    from pap_severity import stages
 
-    typer.echo(f"wrote {write_index(pipelines=_config(params).train.pipelines)}")
+    typer.echo(f"wrote {stages.report(_config(params))}")
 
 
 @bento_app.command("import")

@@ -25,6 +25,7 @@ FINAL = Path("models/final")
 FINAL_METRICS = Path("metrics/final")
 EXPLAIN = Path("reports/explain")
 REGISTRY = Path("reports/registry.json")
+REPORTS = Path("reports")
 
 
 def settings(cfg: Config) -> dict:
@@ -197,3 +198,13 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
     record = [{k: v for k, v in vars(r).items() if k != "created"} for r in results]
     write_json(record, out)
     return results
+
+
+def report(cfg: Config, *, reports: Path = REPORTS, metrics: Path = METRICS, models: Path = MODELS,
+           tuning: Path = TUNING) -> Path:
+    """reports/index.html: the run on one page, each pipeline's settings, figures and MLflow runs, the registry."""
+    from pap_severity.report import write_index
+    from pap_severity.tracking import tracking_uri
+
+    return write_index(reports, metrics, cfg.train.pipelines, models=models, tuning=tuning,
+                       tracking_uri=tracking_uri(cfg), alias=cfg.registry.alias)
