@@ -103,7 +103,7 @@ def test_the_page_shows_each_pipelines_settings(tmp_path):
     assert re.findall(r">([^<]*)</td>", rows["classification"])[:3] == ["0.000273", "0.000145", "— (unused)"]
     assert re.findall(r">([^<]*)</td>", rows["combined"])[:3] == ["0.000165", "2.2e-05", "1.37"]
     assert "lambda, lr, weight_decay tuned: best accuracy 0.610 over 3 of 3 trials" in page
-    assert "not tuned (no best_params.json)" in page  # classification has none
+    assert f"no tuning record (<code>{tmp_path.as_posix()}/tuning/classification/best_params.json</code>)" in section
 
 
 def test_the_page_states_what_each_table_averages_and_heads_each_pipelines_figures(tmp_path):

@@ -138,6 +138,7 @@ def _settings(metrics: Path, tuning: Path, pipelines: list[str], ui: str) -> dic
             "pipeline": name,
             "values": ["— (unused)" if k in unused else _setting_text(settings.get(k)) for k in own],
             "tuned": tuned,
+            "record": (tuning / name / BEST_FILE).as_posix(),
         })
     return {"shared": shared, "columns": own, "rows": rows}
 
