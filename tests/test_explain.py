@@ -516,7 +516,7 @@ def test_gallery_lists_exactly_the_misclassified_cells(tmp_path):
     assert sorted(links) == sorted([("true-1-pred-3", "1"), ("true-2-pred-3", "1"), ("true-3-pred-1", "1")])
     for anchor, _ in links:
         assert f'id="{anchor}"' in page
-    assert "3 of 5 cells" in page
+    assert "3 of the 5 cells" in page
 
 
 def test_gallery_of_a_model_without_mistakes_says_so(tmp_path):
@@ -524,7 +524,7 @@ def test_gallery_of_a_model_without_mistakes_says_so(tmp_path):
     cells, maps = _cells_and_maps(2)
     page = E.write_gallery(tmp_path / "g.html", rows, cells, maps, pipeline="corn", arch="resnet18",
                            data_source="herlev", source_text="Herlev", target="score", baseline="white").read_text()
-    assert "Every test cell is classified correctly" in page and "data-path" not in page
+    assert "Every cell is classified correctly" in page and "data-path" not in page
     with pytest.raises(ValueError, match="one to one"):
         E.write_gallery(tmp_path / "g.html", rows, cells[:1], maps, pipeline="corn", arch="resnet18",
                         data_source="herlev", source_text="Herlev", target="score", baseline="white")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -381,8 +382,8 @@ def explain_report(
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Write next to the target, then rename over it (as files.write_text does for text)."""
-    partial = path.with_name(path.name + ".part")
+    """Write next to the target (a name of this process), then rename over it: readers see the old file or the new."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
     partial.write_bytes(data)
     partial.replace(path)
 
