@@ -323,6 +323,36 @@ def test_heatmap_png():
         E.heatmap_png(rgb, np.zeros((8, 8)))
 
 
+def test_heatmap_scale_is_the_99th_percentile_of_abs():
+    am = np.zeros((10, 10))
+    am.ravel()[:] = np.arange(100) - 50.0  # |Am|: 0..50
+    assert E.heatmap_scale(am) == pytest.approx(np.percentile(np.abs(am), 99))
+    assert E.heatmap_scale(np.zeros((4, 4))) == 1.0  # nothing to scale: 1, never 0
+    spike = np.zeros((20, 20))
+    spike[0, 0] = 3.0  # one pixel in 400: the percentile is 0, the max is used
+    assert E.heatmap_scale(spike) == 3.0
+    norm = E.heatmap_mappable(2.0).norm
+    assert (norm.vmin, norm.vmax) == (0.0, 2.0)
+    norm = E.heatmap_mappable(2.0, signed=True).norm
+    assert (norm.vmin, norm.vmax) == (-2.0, 2.0)
+
+
+def test_heatmap_png_with_a_colour_bar():
+    rgb = np.full((40, 40, 3), 200, np.uint8)
+    am = np.zeros((40, 40))
+    am[10:20, 10:20] = 1.0
+    for signed in (False, True):
+        plain = Image.open(io.BytesIO(E.heatmap_png(rgb, am, signed=signed, upscale=4)))
+        barred = Image.open(io.BytesIO(E.heatmap_png(rgb, am, signed=signed, upscale=4, colorbar=True)))
+        assert barred.format == "PNG"
+        assert barred.width > plain.width + 40 and barred.height == plain.height == 160
+        # The overlay is drawn pixel for pixel at the left, the bar at its right.
+        left = np.asarray(barred.convert("RGB"))[:, :160]
+        assert np.array_equal(left, np.asarray(plain.convert("RGB")))
+    with pytest.raises(ValueError, match="upscale"):
+        E.heatmap_png(rgb, am, upscale=0)
+
+
 # --------------------------------------------------------------------------------------
 # Sanity check
 # --------------------------------------------------------------------------------------
@@ -368,6 +398,39 @@ def test_sanity_check_table():
     assert (table["n_images"] == 2).all()
 
 
+class MeanOfMembers(torch.nn.Module):
+    """A fold-ensemble-like model: several SeverityNets, one tensor [logits..., score] out."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def test_an_ensemble_is_explained_and_randomised_member_by_member():
+    members = [untrained("combined", seed=s).model for s in (0, 1)]
+    ensemble = MeanOfMembers(members).eval()
+    bundle = ModelBundle(ensemble, get_pipeline("combined"), "resnet18", Preprocess(32, IMAGENET_MEAN, IMAGENET_STD))
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", E.ConvergenceWarning)
+        r = E.integrated_gradients(bundle, x, ExplainConfig(n_steps=32))
+    with torch.no_grad():
+        change = ensemble(x)[:, -1] - ensemble(E.make_baseline("white", x, bundle.preprocess))[:, -1]
+    assert torch.allclose(r.attributions.sum(dim=(1, 2, 3)), change, atol=0.02 + 0.1 * float(change.abs().max()))
+    stages = E.cascade_stages(ensemble)
+    assert [name for name, _ in stages] == ["head", "layer4", "layer3", "layer2", "layer1", "stem"]
+    assert [len(mods) for _, mods in stages] == [2, 2, 2, 2, 2, 4]  # every member's block, the stem's two layers
+    heads = [m.head.fc.weight.detach().clone() for m in members]
+    stage, randomised = next(E.randomise_cascade(ensemble, seed=0))
+    assert stage == "head"
+    for k, member in enumerate(randomised.members):
+        assert not torch.equal(member.head.fc.weight, heads[k])
+        assert torch.equal(member.backbone.layer4[0].conv1.weight, members[k].backbone.layer4[0].conv1.weight)
+
+
 # --------------------------------------------------------------------------------------
 # The report
 # --------------------------------------------------------------------------------------
@@ -407,6 +470,64 @@ def test_explain_report_writes_self_contained_files(tmp_path):
     assert {"at_n", "at_c", "at_ratio", "abs_at_n_norm", "rand_abs_at_n_norm"} <= set(saved["abnormal"])
     assert len(saved["sanity_check"]["spearman_abs"]) == 6
     assert saved["settings"]["baseline"] == "white" and saved["settings"]["n_steps"] == 8
+
+    gallery = (out / "gallery.html").read_text()
+    assert "SYNTHETIC" in gallery[: gallery.index("<h1>")]
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", gallery)  # self-contained
+    shown = re.findall(r'<figure class="misclassified" data-path="([^"]+)"', gallery)
+    wrong = csv[csv["predicted"] != csv["severity"]]
+    assert sorted(shown) == sorted(wrong["path"]) and len(shown) == len(set(shown))
+
+
+def _cells_and_maps(n: int, size: int = 16):
+    rng = np.random.default_rng(0)
+    codes = np.full((size, size), C, np.uint8)
+    codes[4:12, 4:12] = N
+    cells = [E.Cell(input=torch.zeros(3, size, size), rgb=rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+                    codes=codes if i % 2 == 0 else None) for i in range(n)]
+    return cells, rng.normal(size=(n, size, size))
+
+
+def test_gallery_lists_exactly_the_misclassified_cells(tmp_path):
+    rows = pd.DataFrame({
+        "path": ["a/1.BMP", "b/2.BMP", "c/3.BMP", "d/<4>.BMP", "e/5.BMP"],
+        "severity": [0, 2, 4, 3, 1],
+        "predicted": [0, 3, 4, 1, 3],
+        "score": [1.1, 3.6, 4.9, 2.2, 3.9],
+    })
+    cells, maps = _cells_and_maps(len(rows))
+    path = E.write_gallery(tmp_path / "gallery.html", rows, cells, maps, pipeline="combined", arch="resnet18",
+                           data_source="synthetic", source_text="SYNTHETIC cells", target="score", baseline="white")
+    page = path.read_text()
+    shown = re.findall(r'data-path="([^"]+)" data-true="([^"]+)" data-predicted="([^"]+)"', page)
+    # By (true, predicted): light -> severe, moderate -> severe, severe -> light; the path is escaped.
+    assert shown == [
+        ("e/5.BMP", SEVERITY_NAMES[1], SEVERITY_NAMES[3]),
+        ("b/2.BMP", SEVERITY_NAMES[2], SEVERITY_NAMES[3]),
+        ("d/&lt;4&gt;.BMP", SEVERITY_NAMES[3], SEVERITY_NAMES[1]),
+    ]
+    assert "<4>" not in page
+    assert E.misclassified(rows) == [4, 1, 3]
+    # Each misclassified cell: image, mask when it has one, IG map with its colour bar.
+    assert page.count('src="data:image/png;base64,') == 3 + 1 + 3  # only cell 4 (index) has a mask
+    assert page.count("no mask") == 2
+    # The confusion matrix links each off-diagonal count to its group, and every link has its target.
+    links = re.findall(r'<a href="#([^"]+)">(\d+)</a>', page)
+    assert sorted(links) == sorted([("true-1-pred-3", "1"), ("true-2-pred-3", "1"), ("true-3-pred-1", "1")])
+    for anchor, _ in links:
+        assert f'id="{anchor}"' in page
+    assert "3 of the 5 cells" in page
+
+
+def test_gallery_of_a_model_without_mistakes_says_so(tmp_path):
+    rows = pd.DataFrame({"path": ["a.BMP", "b.BMP"], "severity": [0, 4], "predicted": [0, 4], "score": [1.0, 5.0]})
+    cells, maps = _cells_and_maps(2)
+    page = E.write_gallery(tmp_path / "g.html", rows, cells, maps, pipeline="corn", arch="resnet18",
+                           data_source="herlev", source_text="Herlev", target="score", baseline="white").read_text()
+    assert "Every cell is classified correctly" in page and "data-path" not in page
+    with pytest.raises(ValueError, match="one to one"):
+        E.write_gallery(tmp_path / "g.html", rows, cells[:1], maps, pipeline="corn", arch="resnet18",
+                        data_source="herlev", source_text="Herlev", target="score", baseline="white")
 
 
 # --------------------------------------------------------------------------------------

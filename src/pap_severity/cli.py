@@ -287,11 +287,13 @@ def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: P
 def explain(pipeline: PipelineOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Integrated Gradients report of a final model on the test part, with At_N / At_C per class."""
     from pap_severity import stages
+    from pap_severity.explain import GALLERY_FILE, REPORT_FILE
     from pap_severity.pipelines import get_pipeline
 
     get_pipeline(pipeline)
     stages.explain(_config(params), pipeline)
-    typer.echo(f"report: {stages.EXPLAIN / pipeline / 'report.html'}")
+    typer.echo(f"report: {stages.EXPLAIN / pipeline / REPORT_FILE}; misclassified cells: "
+               f"{stages.EXPLAIN / pipeline / GALLERY_FILE}")
 
 
 @app.command("register")
@@ -315,9 +317,9 @@ def register(
 @clean_errors
 def report(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """reports/index.html: one page linking everything the pipeline produced."""
-    from pap_severity.report import write_index
+    from pap_severity import stages
 
-    typer.echo(f"wrote {write_index(pipelines=_config(params).train.pipelines)}")
+    typer.echo(f"wrote {stages.report(_config(params))}")
 
 
 @bento_app.command("import")

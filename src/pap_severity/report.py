@@ -1,176 +1,291 @@
-"""reports/index.html: one page linking everything a `dvc repro` produced.
+"""reports/index.html: one page a user can read, linking everything a `dvc repro` produced.
 
-It states the data source first, then the data validation, the pipeline comparison,
-the figures, the attribution reports, the final models, and the registered version
-with how to serve it. It links to the files the stages wrote; it copies none of them.
+It states the data source, when the page was written and from which commit, then the
+data validation, each pipeline's own (tuned) settings, the pipeline comparison (held-out
+test part and validation folds, each table saying what it averages), each pipeline's
+figures under its name with its MLflow runs and, where the explain stage ran, the
+gallery of its misclassified test cells, the attribution reports, the final models, and
+the registered versions (which one holds the alias, from the registry record) with how
+to serve it. It reads only the files the stages wrote and links to them (relative
+links, so the folder can move); it copies none of them. The page comes from the Jinja2
+template `index.html.j2` (autoescaped) and is written atomically.
+
+MLflow links point at an MLflow UI: the tracking server itself when the tracking URI is
+http(s), else `mlflow ui` on its default address (the page says how to start it).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pap_severity.evaluation import HEADLINE_LABELS
+from pap_severity.files import write_text
+from pap_severity.templates import render
 
 SHOWN = ("accuracy", "balanced_accuracy", "mean_auc", "mse", "qwk", "binary_accuracy", "binary_f1")
 EXPLAIN_SHOWN = ("abs_at_n", "abs_at_c", "abs_at_ratio", "abs_at_n_norm", "rand_abs_at_n_norm")
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }
-table { border-collapse: collapse; margin: .5rem 0 1rem; } td, th { border: 1px solid #ccc; padding: .25rem .5rem; }
-th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.banner { padding: .75rem 1rem; border-radius: .4rem; font-size: 1.1rem; margin-bottom: 1rem; }
-.synthetic { background: #fff3cd; border: 1px solid #e0c060; } .herlev { background: #e3f2e3; border: 1px solid #7bb07b; }
-.fail { color: #a00; font-weight: bold; } .ok { color: #070; font-weight: bold; }
-img { max-width: 32rem; margin: .25rem; border: 1px solid #ddd; } code, pre { background: #f6f6f6; }
-"""
+# Where `mlflow ui` listens unless told otherwise.
+MLFLOW_UI = "http://127.0.0.1:5000"
+INDEX_FILE = "index.html"
 
 
 def _read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A JSON file's content, None when it is not there; a broken one is a one-line error."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); rerun the stage that writes it") \
+            from None
 
 
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _href(target: Path, base: Path) -> str | None:
+    """A link from a page in `base` to `target`, relative so the folder can move; None when target is missing."""
+    return Path(os.path.relpath(target, base)).as_posix() if target.exists() else None
 
 
-def _link(target: Path, base: Path, text: str | None = None) -> str:
-    """A link from the page in `base` to `target`, relative so the folder can move."""
-    href = Path(os.path.relpath(target, base)).as_posix()
-    return f'<a href="{html.escape(href)}">{html.escape(text or target.name)}</a>'
+# MLflow links ---------------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """Cells are HTML already; the first column is a label, the others numbers."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" if i == 0 else f'<td class="num">{c}</td>' for i, c in enumerate(r)) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
+def mlflow_ui(tracking_uri: str) -> tuple[str, str | None]:
+    """(base URL of an MLflow UI for this store, the command that starts one, or None for a server)."""
+    parts = urlsplit(tracking_uri)
+    if parts.scheme in ("http", "https"):
+        host = parts.netloc.rpartition("@")[2]  # never a password in a link
+        return urlunsplit(parts._replace(netloc=host, query="", fragment="")).rstrip("/"), None
+    from pap_severity.tracking import redact
+
+    return MLFLOW_UI, f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
 
 
-def _banner(source: str | None) -> str:
-    if source == "synthetic":
-        return ('<div class="banner synthetic">Data source: <b>synthetic</b> cells made by <code>data synth</code>. '
-                "These numbers test the code; they are not Herlev results.</div>")
-    if source == "herlev":
-        return '<div class="banner herlev">Data source: <b>Herlev</b> (real Pap smear cells).</div>'
-    return f'<div class="banner">Data source: <b>{html.escape(str(source))}</b></div>'
+def mlflow_run_url(ui: str, run_id: str, experiment_id: str | None = None) -> str:
+    """The UI page of a run (through its experiment when known; the UI finds it from the id alone too)."""
+    if experiment_id is not None:
+        return f"{ui}/#/experiments/{quote(str(experiment_id), safe='')}/runs/{quote(run_id, safe='')}"
+    return f"{ui}/#/runs/{quote(run_id, safe='')}"
 
 
-def _validation(reports: Path) -> str:
+def mlflow_version_url(ui: str, name: str, version: str) -> str:
+    """The UI page of a registered model version."""
+    return f"{ui}/#/models/{quote(name, safe='')}/versions/{quote(str(version), safe='')}"
+
+
+# Sections -------------------------------------------------------------------------------
+
+
+def _validation(reports: Path) -> dict | None:
     result = _read(reports / "validation" / "validation.json")
     if result is None:
-        return "<p>No validation result (stage <code>validate</code> has not run).</p>"
-    state = '<span class="ok">passed</span>' if result["success"] else '<span class="fail">failed</span>'
-    counts = ", ".join(f"{k} {v}" for k, v in result.get("class_counts", {}).items())
-    parts = [f"<p>{result['n_cells']} cells, {result.get('n_checks', '?')} checks: {state}. {html.escape(counts)}.</p>"]
-    for failure in result.get("failures", []):
-        parts.append(f"<p class='fail'>{html.escape(failure['expectation'])}: {html.escape(failure['detail'])}</p>")
+        return None
     docs = reports / "validation" / "data_docs" / "index.html"
-    if docs.is_file():
-        parts.append(f"<p>Great Expectations data docs: {_link(docs, reports)}</p>")
-    return "\n".join(parts)
+    return {
+        "source": result.get("source"),
+        "success": bool(result["success"]),
+        "n_cells": result["n_cells"],
+        "n_checks": result.get("n_checks", "?"),
+        "counts": ", ".join(f"{k} {v}" for k, v in result.get("class_counts", {}).items()),
+        "failures": result.get("failures", []),
+        "docs": _href(docs, reports),
+    }
 
 
-def _comparison(reports: Path) -> str:
+def _setting_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "—" if value is None else str(value)
+
+
+def _settings(metrics: Path, tuning: Path, pipelines: list[str], ui: str) -> dict | None:
+    """Each pipeline's settings (metrics/<p>.json) with what tuning chose (tuning/<p>/best_params.json).
+
+    Values every pipeline shares are stated once; the others, and every tuned one, per pipeline.
+    The loss weight lambda is shown only where the pipeline's loss has it.
+    """
+    from pap_severity.pipelines import PIPELINES
+    from pap_severity.tuning import BEST_FILE
+
+    found = {}
+    for name in pipelines:
+        content = _read(metrics / f"{name}.json")
+        if content and content.get("settings"):
+            found[name] = (content["settings"], _read(tuning / name / BEST_FILE))
+    if not found:
+        return None
+    tuned_keys = {k for _, best in found.values() if best for k in best.get("params", {})}
+    keys = list(dict.fromkeys(k for settings, _ in found.values() for k in settings))
+    own = [k for k in keys if k in tuned_keys or len({json.dumps(s.get(k)) for s, _ in found.values()}) > 1]
+    shared = [(k, _setting_text(next(iter(found.values()))[0].get(k))) for k in keys if k not in own]
+    rows = []
+    for name, (settings, best) in found.items():
+        unused = {"lambda"} if name in PIPELINES and not PIPELINES[name].uses_lambda else set()
+        tuned = None
+        if best:
+            run = best.get("mlflow_run_id")
+            tuned = {
+                "params": ", ".join(sorted(best.get("params", {}))),
+                "metric": best.get("metric"),
+                "value": best.get("value"),
+                "n_complete": best.get("n_complete"),
+                "n_trials": best.get("n_trials"),
+                "run": mlflow_run_url(ui, run) if run else None,
+            }
+        rows.append({
+            "pipeline": name,
+            "values": ["— (unused)" if k in unused else _setting_text(settings.get(k)) for k in own],
+            "tuned": tuned,
+            "record": (tuning / name / BEST_FILE).as_posix(),
+        })
+    return {"shared": shared, "columns": own, "rows": rows}
+
+
+def _comparison(reports: Path) -> dict | None:
     comparison = _read(reports / "comparison.json")
     if comparison is None:
-        return "<p>No comparison (stage <code>compare</code> has not run).</p>"
-    header = ["pipeline", *(HEADLINE_LABELS[m] for m in SHOWN)]
-    rows = [[html.escape(name), *(f"{_num(m[k]['mean'])} ± {_num(m[k]['std'])}" if m.get(k) else "n/a"
-                                  for k in SHOWN)]
-            for name, m in comparison["test"].items()]
-    rows += [[f"paper: {html.escape(name)}", *(_num(fig.get(k)) if k in fig else "—" for k in SHOWN)]
-             for name, fig in comparison.get("paper", {}).items()]
-    settings = next(iter(comparison.get("settings", {}).values()), {}) or {}
-    shown = ", ".join(f"{k}={v}" for k, v in settings.items())
-    return (f"<p>Held-out test part, mean ± std over the {next(iter(comparison['n_folds'].values()))} fold models "
-            f"(rows marked <i>paper</i> are the published figures, not produced here). Settings: "
-            f"<code>{html.escape(shown)}</code>. Full tables: {_link(reports / 'comparison.md', reports)}.</p>"
-            + _table(header, rows))
+        return None
+    folds = set(comparison.get("n_folds", {}).values())
+    return {
+        "labels": [HEADLINE_LABELS[m] for m in SHOWN],
+        "n_folds": folds.pop() if len(folds) == 1 else None,
+        "test": [{"pipeline": name, "values": [m.get(k) for k in SHOWN],
+                  "n_folds": comparison.get("n_folds", {}).get(name),
+                  "n_test_cells": comparison.get("n_test_cells", {}).get(name)}
+                 for name, m in comparison["test"].items()],
+        "validation": [{"pipeline": name, "values": [m.get(k) for k in SHOWN]}
+                       for name, m in comparison.get("validation", {}).items()],
+        "paper": [{"pipeline": name, "values": [fig.get(k) for k in SHOWN]}
+                  for name, fig in comparison.get("paper", {}).items()],
+        "table": _href(reports / "comparison.md", reports),
+    }
 
 
-def _figures(reports: Path, pipelines: list[str]) -> str:
-    figures = reports / "figures"
-    images = [figures / "auc_per_fold.png"]
+def _pipeline_figures(reports: Path, models: Path, pipelines: list[str], ui: str) -> list[dict]:
+    """Per pipeline: its test figures, the gallery of its misclassified cells, its MLflow runs."""
+    from pap_severity.explain import GALLERY_FILE
+    from pap_severity.tracking import RUNS_FILE
+
+    sections = []
     for name in pipelines:
-        images += [figures / name / "confusion_test.png", figures / name / "scores_test.png"]
-    found = [p for p in images if p.is_file()]
-    if not found:
-        return "<p>No figures yet.</p>"
-    return "\n".join(f'<a href="{p.relative_to(reports).as_posix()}"><img src="{p.relative_to(reports).as_posix()}" '
-                     f'alt="{html.escape(p.stem)}"></a>' for p in found)
+        folder = reports / "figures" / name
+        # The gallery is linked from the confusion matrix's caption, or from the section when there is none.
+        figures = [{"href": _href(folder / f"{stem}.png", reports), "caption": caption,
+                    "links_gallery": stem == "confusion_test"}
+                   for stem, caption in (("confusion_test", "confusion matrix, test part"),
+                                         ("scores_test", "predicted score per true class, test part"))
+                   if (folder / f"{stem}.png").exists()]
+        gallery = reports / "explain" / name / GALLERY_FILE
+        runs = _read(models / name / RUNS_FILE) or {}
+        experiment = runs.get("experiment_id")
+        parent = runs.get("parent_run_id")
+        folds = [(k, mlflow_run_url(ui, fold["run_id"], experiment))
+                 for k, fold in sorted(runs.get("folds", {}).items(), key=lambda item: int(item[0]))
+                 if fold.get("run_id")]
+        if not figures and not parent:
+            continue
+        sections.append({
+            "pipeline": name,
+            "figures": figures,
+            "gallery": _href(gallery, reports),
+            "gallery_in_caption": any(f["links_gallery"] for f in figures),
+            "run": mlflow_run_url(ui, parent, experiment) if parent else None,
+            "folds": folds,
+        })
+    return sections
 
 
-def _explain(reports: Path) -> str:
+def _explain(reports: Path) -> list[dict]:
+    from pap_severity.explain import GALLERY_FILE, REPORT_FILE
+
     parts = []
     for summary_file in sorted((reports / "explain").glob("*/summary.json")):
         summary = _read(summary_file)
         folder = summary_file.parent
-        header = ["class", "n", *EXPLAIN_SHOWN]
-        rows = [[html.escape(name), str(v.get("n", "")), *(_num(v.get(k)) for k in EXPLAIN_SHOWN)]
-                for name, v in summary.get("per_class", {}).items()]
-        parts.append(f"<h3>{html.escape(folder.name)}</h3><p>Integrated Gradients, "
-                     f"{html.escape(str(summary['settings'].get('baseline')))} baseline, on {summary['n_cells']} "
-                     f"test cells: {_link(folder / 'report.html', reports, 'report.html')}, "
-                     f"{_link(folder / 'attributions.csv', reports, 'attributions.csv')}. "
-                     "abs_at_n_norm above 1 means attribution concentrates on the nucleus beyond its area; "
-                     "rand_ is the random-map floor.</p>" + _table(header, rows))
-    return "\n".join(parts) or "<p>No attribution report (stage <code>explain</code> has not run).</p>"
+        gallery = folder / GALLERY_FILE
+        parts.append({
+            "pipeline": folder.name,
+            "baseline": summary["settings"].get("baseline"),
+            "n_cells": summary["n_cells"],
+            "report": _href(folder / REPORT_FILE, reports),
+            "attributions": _href(folder / "attributions.csv", reports),
+            "gallery": _href(gallery, reports),
+            "rows": [{"class": name, "n": v.get("n", ""), "values": [v.get(k) for k in EXPLAIN_SHOWN]}
+                     for name, v in summary.get("per_class", {}).items()],
+        })
+    return parts
 
 
-def _final(metrics_dir: Path, reports: Path) -> str:
+def _final(metrics: Path) -> list[dict]:
     rows = []
-    for path in sorted((metrics_dir / "final").glob("*.json")):
+    for path in sorted((metrics / "final").glob("*.json")):
         m = _read(path)
-        rows.append([html.escape(m["pipeline"]), *(_num(m.get(k)) for k in SHOWN)])
-    if not rows:
-        return "<p>No final models yet.</p>"
-    return ("<p>Each pipeline trained once on every cv cell with its tuned settings, measured on the held-out "
-            "test part.</p>" + _table(["pipeline", *(HEADLINE_LABELS[m] for m in SHOWN)], rows))
+        rows.append({"pipeline": m["pipeline"], "values": [m.get(k) for k in SHOWN]})
+    return rows
 
 
-def _registry(reports: Path) -> str:
+def alias_state(record: dict) -> str:
+    """Who holds the alias, from a registry record: this version, another, or none, never two of these."""
+    if "champion_version" in record:
+        holder = record["champion_version"]
+        if holder is None:
+            return "held by no version"
+        return "held by this version" if str(holder) == str(record["version"]) else f"held by v{holder}"
+    return "held by this version" if record.get("promoted") else "not held by this version"
+
+
+def _registry(reports: Path, ui: str) -> dict | None:
     registry = _read(reports / "registry.json")
     if registry is None:
-        return "<p>Nothing registered yet (stage <code>register</code>).</p>"
-    rows = [[html.escape(r["name"]), str(r["version"]), "champion" if r["promoted"] else "—",
-             html.escape(r.get("reason", ""))] for r in registry]
-    bento = _read(reports / "bento.json")
-    serve = ("<p>Serve it:</p><pre>pap-severity bento import   # or: dvc repro bento_build\n"
-             "cd bento && bentoml serve --port 3000\n"
-             "curl -F image=@cell.BMP http://127.0.0.1:3000/predict</pre>")
-    if bento:
-        serve = (f"<p>Bento <code>{html.escape(bento['bento'])}</code> is built. Serve it:</p>"
-                 f"<pre>{html.escape(bento['serve'])} --port 3000\n"
-                 "curl -F image=@cell.BMP http://127.0.0.1:3000/predict</pre>")
-    return (_table(["registered model", "version", "alias", "promotion"], rows)
-            + "<p>Browse runs and versions with <code>mlflow ui --backend-store-uri sqlite:///mlflow.db</code>.</p>"
-            + serve)
+        return None
+    rows = [{
+        "name": r["name"],
+        "version": str(r["version"]),
+        "version_url": mlflow_version_url(ui, r["name"], r["version"]),
+        "alias": alias_state(r),
+        "decision": ("promoted" if r.get("promoted") else "not promoted")
+        + (f" ({r['reason']})" if r.get("reason") else ""),
+        "run": mlflow_run_url(ui, r["run_id"]) if r.get("run_id") else None,
+        "missing": r.get("missing_artifacts") or [],
+    } for r in registry]
+    return {"rows": rows, "bento": _read(reports / "bento.json")}
 
 
-def write_index(reports: str | Path = "reports", metrics: str | Path = "metrics",
-                pipelines: tuple[str, ...] = ()) -> Path:
-    """Write reports/index.html from what the stages left; a missing part says which stage makes it."""
-    reports, metrics = Path(reports), Path(metrics)
-    validation = _read(reports / "validation" / "validation.json") or {}
-    source = validation.get("source")
-    sections = [
-        ("Data validation", _validation(reports)),
-        ("Pipeline comparison (cross-validation)", _comparison(reports)),
-        ("Figures", _figures(reports, list(pipelines))),
-        ("Attribution (Integrated Gradients)", _explain(reports)),
-        ("Final models", _final(metrics, reports)),
-        ("Registered model and serving", _registry(reports)),
-    ]
-    body = "\n".join(f"<h2>{html.escape(title)}</h2>\n{content}" for title, content in sections)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>pap-severity run</title>"
-            f"<style>{STYLE}</style></head><body><h1>pap-severity: one run</h1>{_banner(source)}{body}</body></html>")
-    out = reports / "index.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
-    return out
+# The page -------------------------------------------------------------------------------
+
+
+def write_index(reports: str | Path = "reports", metrics: str | Path = "metrics", pipelines: tuple[str, ...] = (),
+                *, models: str | Path = "models", tuning: str | Path = "tuning",
+                tracking_uri: str = "sqlite:///mlflow.db", alias: str = "champion") -> Path:
+    """Write reports/index.html from what the stages left; a missing part says which stage makes it.
+
+    pipelines: their order on the page (default: those of reports/comparison.json).
+    tracking_uri: the MLflow store the runs are in, for the links; alias: the registry alias.
+    """
+    from pap_severity.tracking import git_commit
+
+    reports, metrics, models, tuning = Path(reports), Path(metrics), Path(models), Path(tuning)
+    validation = _validation(reports)
+    comparison = _comparison(reports)
+    names = list(pipelines) or [row["pipeline"] for row in (comparison or {}).get("test", [])]
+    ui, start = mlflow_ui(tracking_uri)
+    page = render(
+        "index.html.j2",
+        source=(validation or {}).get("source"),
+        written=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        commit=git_commit(),
+        mlflow={"ui": ui, "start": start},
+        alias=alias,
+        validation=validation,
+        settings=_settings(metrics, tuning, names, ui),
+        comparison=comparison,
+        auc_figure=_href(reports / "figures" / "auc_per_fold.png", reports),
+        pipelines=_pipeline_figures(reports, models, names, ui),
+        explain=_explain(reports),
+        explain_shown=EXPLAIN_SHOWN,
+        final={"labels": [HEADLINE_LABELS[m] for m in SHOWN], "rows": _final(metrics)},
+        registry=_registry(reports, ui),
+    )
+    return write_text(reports / INDEX_FILE, page)

@@ -28,6 +28,7 @@ REGISTRY = Path("reports/registry.json")
 ENSEMBLE = Path("models/ensemble")
 ENSEMBLE_METRICS = Path("metrics/ensemble")
 TRUST_FIGURES = Path("reports/trust")
+REPORTS = Path("reports")
 
 
 def settings(cfg: Config) -> dict:
@@ -192,7 +193,8 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
 
 def explain(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
             final: Path = FINAL, out: Path = EXPLAIN, progress: bool = True) -> dict:
-    """The IG report of a final model on the held-out test part: report.html, attributions.csv, summary.json."""
+    """The IG report of a final model on the held-out test part: report.html, attributions.csv, summary.json,
+    and gallery.html, its misclassified cells."""
     from pap_severity.checkpoints import load_bundle
     from pap_severity.explain import explain_report
 
@@ -228,3 +230,13 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
     record = [{k: v for k, v in vars(r).items() if k != "created"} for r in results]
     write_json(record, out)
     return results
+
+
+def report(cfg: Config, *, reports: Path = REPORTS, metrics: Path = METRICS, models: Path = MODELS,
+           tuning: Path = TUNING) -> Path:
+    """reports/index.html: the run on one page, each pipeline's settings, figures and MLflow runs, the registry."""
+    from pap_severity.report import write_index
+    from pap_severity.tracking import tracking_uri
+
+    return write_index(reports, metrics, cfg.train.pipelines, models=models, tuning=tuning,
+                       tracking_uri=tracking_uri(cfg), alias=cfg.registry.alias)
