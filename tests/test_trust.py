@@ -83,3 +83,23 @@ def test_a_changed_member_is_refused(trained, tmp_path):
     spec["members"][0]["path"] = str(tmp_path / "gone.pt")
     with pytest.raises(FileNotFoundError, match="dvc checkout"):
         trust.load_served(spec)
+
+
+@pytest.mark.slow
+def test_the_explain_stage_explains_the_served_ensembles_score(trained):
+    run(tiny(), trained, "explained")
+    cfg = tiny()
+    cfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(update={
+        "n_steps": 4, "internal_batch_size": 8, "cells_per_class": 1, "sanity_check": False})})
+    out = trained["root"] / "explain"
+    stages.explain(cfg, "combined", **trained["paths"], served=trained["root"] / "explained", out=out,
+                   progress=False)
+    summary = json.loads((out / "combined" / "summary.json").read_text())
+    assert "2 x resnet18" in json.dumps(summary)
+    rows = pd.read_csv(out / "combined" / "attributions.csv")
+    model, pre, _ = trust.load_served(trained["root"] / "explained" / "combined.json")
+    split = pd.read_csv(trained["paths"]["splits"])
+    expected = trust.predict(model, pre, split[split["part"] == "test"])
+    merged = rows.merge(expected, on="path", suffixes=("", "_served"))
+    assert len(merged) == len(expected)
+    assert np.allclose(merged["score"], merged["score_served"], atol=1e-4)  # the ensemble's own score

@@ -285,7 +285,7 @@ def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: P
 @app.command("explain")
 @clean_errors
 def explain(pipeline: PipelineOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Integrated Gradients report of a final model on the test part, with At_N / At_C per class."""
+    """Integrated Gradients report of the served model (fold ensemble or final model) on the test part, with At_N / At_C per class."""
     from pap_severity import stages
     from pap_severity.explain import GALLERY_FILE, REPORT_FILE
     from pap_severity.pipelines import get_pipeline

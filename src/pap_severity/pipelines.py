@@ -11,6 +11,7 @@ score is always the last column. How the class is read:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +44,7 @@ class Pipeline:
     probs: Callable[[Tensor], Tensor]  # outputs -> [N, 5]
     label_from_score: bool = False  # regression reads its class from the score
     uses_lambda: bool = False  # the loss has a weight that tuning explores
+    log_probs: bool = False  # the first outputs are class log-probabilities (a fold ensemble's), not the head's
 
     def decode(self, outputs: Tensor) -> Prediction:
         outputs = outputs.detach().float()
@@ -110,6 +112,12 @@ PIPELINES: dict[str, Pipeline] = {
         ),
     )
 }
+
+
+def served(pipeline: Pipeline) -> Pipeline:
+    """How to read a fold ensemble of this pipeline (ensemble.COLUMNS): whatever the members' head,
+    its first five columns are class log-probabilities and its last the score."""
+    return dataclasses.replace(pipeline, probs=_softmax_probs, log_probs=True)
 
 
 def get_pipeline(name: str) -> Pipeline:

@@ -192,17 +192,29 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
 
 
 def explain(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
-            final: Path = FINAL, out: Path = EXPLAIN, progress: bool = True) -> dict:
-    """The IG report of a final model on the held-out test part: report.html, attributions.csv, summary.json,
-    and gallery.html, its misclassified cells."""
-    from pap_severity.checkpoints import load_bundle
+            served: Path = ENSEMBLE, out: Path = EXPLAIN, progress: bool = True) -> dict:
+    """The IG report of the served model (models/ensemble/<pipeline>.json: the fold ensemble or the
+    final model, as registered) on the held-out test part: report.html, attributions.csv,
+    summary.json, and gallery.html, its misclassified cells."""
+    from pap_severity.data.splits import held_out
     from pap_severity.explain import explain_report
 
     table, split_table, source = _data(manifest, splits)
-    test = split_table.loc[split_table["part"] == "test", ["path"]].merge(
-        table[["path", "mask_path", "class_name", "severity"]], on="path")
-    bundle, _ = load_bundle(final / f"{pipeline}.pt")
-    return explain_report(bundle, test, cfg.explain, out / pipeline, data_source=source, progress=progress)
+    test = held_out(split_table)[["path"]].merge(table[["path", "mask_path", "class_name", "severity"]], on="path")
+    return explain_report(served_bundle(served / f"{pipeline}.json"), test, cfg.explain, out / pipeline,
+                          data_source=source, progress=progress)
+
+
+def served_bundle(spec: Path):
+    """The served model of an ensemble spec as a ModelBundle (explain and registration take bundles)."""
+    from pap_severity.checkpoints import ModelBundle
+    from pap_severity.pipelines import served
+    from pap_severity.trust import load_served
+
+    model, pre, content = load_served(spec)
+    arch = f"{content['arch']}" if len(content["members"]) == 1 else f"{len(content['members'])} x {content['arch']}"
+    return ModelBundle(model=model, pipeline=served(model.pipeline), arch=arch, preprocess=pre,
+                       meta={"served": content})
 
 
 def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest: Path = MANIFEST,

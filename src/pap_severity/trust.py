@@ -194,6 +194,7 @@ def evaluate_candidates(cfg: Config, pipeline: str, fold_checkpoints: list[Path]
         "temperature": temperature,
         "referral": {"measure": served_measure, "threshold": threshold, "max_rate": cfg.referral.max_rate},
         "image_size": fold_bundles[0].preprocess.image_size,
+        "arch": fold_bundles[0].arch,
     }
     tables.append(_recalibrate(calib_table, temperature, label_from_score))
     return {"rows": rows, "spec": spec, "predictions": pd.concat(tables, ignore_index=True)}

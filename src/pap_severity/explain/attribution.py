@@ -161,6 +161,8 @@ def _resolve_target(bundle: ModelBundle, target: str) -> tuple[str, nn.Module, s
         target = "score"
     if target == "score":
         return "score", bundle.model, "score (last output column)"
+    if bundle.pipeline.log_probs:
+        return "logit", bundle.model, "log-probability of the predicted class"
     if bundle.pipeline.name == "corn":
         return "corn", _CornLogProbs(bundle.model), "log P(predicted class) (CORN has no class logits)"
     return "logit", bundle.model, "logit of the predicted class"
