@@ -164,23 +164,26 @@ def test_summarise_by_hand(no_warnings):
     assert s["confusion_matrix"] == [[3, 1], [3, 5]]
 
 
-def fake_predictions(pipelines=("classification", "combined"), folds=4, cells=40, test_cells=15, seed=0):
-    """A predictions table shaped like cross-validation's: val folds plus a shared test part."""
+def fake_predictions(pipelines=("classification", "combined"), folds=4, cells=40, test_cells=15, seed=0,
+                     repeats=1, boost=None):
+    """A predictions table shaped like cross-validation's: val folds plus a shared test part.
+    `boost` (pipeline -> logit added to the true class) makes one pipeline better on purpose."""
     rng = np.random.default_rng(seed)
     severity = np.arange(cells) % 5
     rows = []
-    for pipeline in pipelines:
+    for pipeline, repeat in ((p, r) for p in pipelines for r in range(repeats)):
         for fold in range(folds):
             for cell in range(cells):
                 is_test = cell >= cells - test_cells
                 if not is_test and cell % folds != fold:
                     continue
                 logits = rng.normal(0, 1, 5)
-                logits[severity[cell]] += 2
+                logits[severity[cell]] += 2 + (boost or {}).get(pipeline, 0.0)
                 p = np.exp(logits) / np.exp(logits).sum()
                 rows.append(
                     {
                         "pipeline": pipeline,
+                        "repeat": repeat,
                         "fold": fold,
                         "part": "test" if is_test else "val",
                         "path": f"cells/{cell:03d}.bmp",
@@ -257,7 +260,9 @@ def test_figures_are_pngs(tmp_path, no_warnings):
     no_severe = predictions[predictions["severity"] != 3]
     assert_png(ev.plot_score_distribution(no_severe, "test part, synthetic data", tmp_path / "a" / "scores.png"))
     m = ev.evaluate_predictions(predictions, "combined", "synthetic", {})
-    assert_png(ev.plot_auc_per_fold({"combined": m, "other": m}, tmp_path / "auc.png"))
+    from pap_severity.comparison import plot_auc_per_fold
+
+    assert_png(plot_auc_per_fold({"combined": m, "other": m}, tmp_path / "auc.png"))
 
 
 def test_evaluate_writes_metrics_figures_and_plot_data(tmp_path):
@@ -277,34 +282,3 @@ def test_evaluate_writes_metrics_figures_and_plot_data(tmp_path):
     scores = pd.read_csv(out["plots"]["scores_val"])
     assert {"true_score", "score", "actual"} <= set(scores.columns)
     assert len(scores) == 25
-
-
-def test_compare_writes_every_pipeline_and_the_data_source(tmp_path):
-    predictions = fake_predictions(pipelines=("classification", "combined"), folds=2)
-    files = {}
-    for pipeline in ("classification", "combined"):
-        files[pipeline] = tmp_path / "metrics" / f"{pipeline}.json"
-        files[pipeline].parent.mkdir(exist_ok=True)
-        metrics = ev.evaluate_predictions(predictions, pipeline, "synthetic", SETTINGS)
-        files[pipeline].write_text(json.dumps(metrics))
-    md, js = tmp_path / "reports" / "comparison.md", tmp_path / "reports" / "comparison.json"
-    fig = tmp_path / "auc.png"
-
-    result = ev.compare(files, md, js, fig)
-    text = md.read_text()
-    for pipeline in ("classification", "combined"):
-        assert f"| {pipeline} |" in text
-    assert "synthetic data" in text
-    assert "arch=resnet18" in text
-    assert "| paper: combined | 0.745 |" in text
-    assert " ± " in text
-    assert json.loads(js.read_text()) == result
-    assert set(result["test"]) == {"classification", "combined"}
-    assert result["paper"]["combined"]["mean_auc"] == 0.94
-    assert_png(fig)
-    auc = pd.read_csv(fig.with_suffix(".csv"))
-    assert list(auc.columns) == ["severity", "class", "fold", "classification", "combined"]
-    assert len(auc) == 5 * 2
-
-    from_list = ev.compare(list(files.values()), md, js, fig)
-    assert set(from_list["test"]) == {"classification", "combined"}

@@ -245,11 +245,13 @@ def evaluate(pipeline: PipelineOpt, best_params: BestParamsOpt = None, no_track:
 @app.command("compare")
 @clean_errors
 def compare(params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Every pipeline side by side: reports/comparison.md and .json, and the AUC-per-fold figure."""
+    """Every pipeline side by side and paired against compare.reference: reports/comparison.md and .json, figures."""
     from pap_severity import stages
 
-    stages.compare(_config(params))
+    result = stages.compare(_config(params))
     typer.echo((stages.COMPARISON.with_suffix(".md")).read_text())
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command("train-final")

@@ -20,7 +20,6 @@ state), so they are safe in tests, servers and parallel workers.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -42,7 +41,7 @@ from sklearn.metrics import (
 )
 
 from pap_severity.data.labels import NUM_SEVERITIES, SEVERITY_NAMES
-from pap_severity.files import json_ready, write_json
+from pap_severity.files import json_ready, write_csv, write_json
 
 CLASSES = list(range(NUM_SEVERITIES))
 PROB_COLUMNS = [f"p{k}" for k in CLASSES]
@@ -84,15 +83,6 @@ HEADLINE_LABELS = {
     "sensitivity": "sensitivity",
     "specificity": "specificity",
 }
-
-# Pirovano et al., "Regression Constraint for an Explainable Cervical Cancer Classifier",
-# on real Herlev. Only the figures the paper reports; shown for reference, never as ours.
-PAPER_FIGURES: dict[str, dict[str, float]] = {
-    "classification": {"accuracy": 0.701},
-    "regression": {"accuracy": 0.606},
-    "combined": {"accuracy": 0.745, "mean_auc": 0.94, "mse": 0.51, "binary_accuracy": 0.94, "binary_f1": 0.96},
-}
-
 
 def direction_of(metric: str) -> str:
     """"minimize" for the error metrics, "maximize" for the rest (Optuna's words)."""
@@ -272,6 +262,8 @@ def evaluate_predictions(predictions: pd.DataFrame, pipeline: str, data_source: 
             "data_source": data_source,
             "n_folds": int(rows["fold"].nunique()),
             "n_repeats": int(rows["repeat"].nunique()),
+            # the (repeat, fold) of each per_fold value, in order: what pairs two pipelines' values
+            "splits": [f"{r}/{k}" for r, k in sorted(set(zip(rows["repeat"].astype(int), rows["fold"].astype(int))))],
             "n_fold_models": int(rows[["repeat", "fold"]].drop_duplicates().shape[0]),
             "n_test_cells": int(parts["test"]["path"].nunique()),
             "n_validation_cells": int(parts["val"]["path"].nunique()),
@@ -353,40 +345,6 @@ def plot_score_distribution(predictions: pd.DataFrame, title: str, path: Path) -
     return _save(fig, path)
 
 
-def plot_auc_per_fold(metrics_by_pipeline: dict[str, dict], path: Path) -> Path:
-    """Test-part one-vs-rest AUC per class for every pipeline side by side (the paper's Fig 7).
-
-    Small dots are the fold models, the marker and bar are the mean ± std over folds
-    (the bar clipped at 1). A class with no test cells has no AUC and stays empty.
-    """
-    fig = Figure(figsize=(9, 5), layout="constrained")
-    ax = fig.subplots()
-    n = len(metrics_by_pipeline)
-    width = 0.8 / max(n, 1)
-    for i, (name, metrics) in enumerate(metrics_by_pipeline.items()):
-        auc = metrics["auc_per_class"]
-        per_fold = np.asarray(auc["per_fold"], dtype=float).reshape(-1, NUM_SEVERITIES)
-        x = np.arange(NUM_SEVERITIES) - 0.4 + width * (i + 0.5)
-        colour = f"C{i}"
-        for fold in per_fold:
-            ax.scatter(x, fold, s=10, alpha=0.4, color=colour)
-        mean = np.asarray(auc["mean"], dtype=float)
-        std = np.nan_to_num(np.asarray(auc["std"], dtype=float))
-        upper = np.clip(mean + std, None, 1.0) - mean  # an AUC never exceeds 1
-        ax.errorbar(x, mean, yerr=[std, upper], fmt="o", color=colour, capsize=3, label=name)
-    ax.set_xticks(CLASSES, list(SEVERITY_NAMES))
-    ax.set_xlim(-0.5, NUM_SEVERITIES - 0.5)
-    ax.set_xlabel("class (one vs rest)")
-    ax.set_ylabel("AUC")
-    ax.set_ylim(top=1.02)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(title="pipeline", fontsize=8)
-    sources = sorted({str(m.get("data_source")) for m in metrics_by_pipeline.values()})
-    sources = [DATA_SOURCES.get(source, source) for source in sources]
-    ax.set_title(f"AUC per class across fold models, test part, {' + '.join(sources)}", fontsize=10)
-    return _save(fig, path)
-
-
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,8 +389,8 @@ def evaluate(
         figures[f"scores_{part}"] = plot_score_distribution(
             part_rows, f"Predicted score per true class: {subtitle}\n{counted}", out / f"scores_{part}.png"
         )
-        plots[f"confusion_{part}"] = _write_csv(confusion_rows(part_rows), out / f"confusion_{part}.csv")
-        plots[f"scores_{part}"] = _write_csv(score_rows(part_rows), out / f"scores_{part}.csv")
+        plots[f"confusion_{part}"] = write_csv(confusion_rows(part_rows), out / f"confusion_{part}.csv")
+        plots[f"scores_{part}"] = write_csv(score_rows(part_rows), out / f"scores_{part}.csv")
     return {"metrics": metrics, "metrics_path": metrics_path, "figures": figures, "plots": plots}
 
 
@@ -462,143 +420,3 @@ def score_rows(rows: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def auc_rows(metrics_by_pipeline: dict[str, dict]) -> pd.DataFrame:
-    """Test-part AUC per (class, fold), one column per pipeline: the data behind Fig 7."""
-    table = None
-    for name, metrics in metrics_by_pipeline.items():
-        per_fold = np.asarray(metrics["auc_per_class"]["per_fold"], dtype=float).reshape(-1, NUM_SEVERITIES)
-        long = pd.DataFrame(
-            [
-                {"severity": k, "class": _class_label(k), "fold": fold, name: per_fold[fold, k]}
-                for fold in range(len(per_fold))
-                for k in CLASSES
-            ]
-        )
-        table = long if table is None else table.merge(long, on=["severity", "class", "fold"], how="outer")
-    return table.sort_values(["severity", "fold"]).reset_index(drop=True)
-
-
-def _write_csv(table: pd.DataFrame, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
-    return path
-
-
-def compare(metrics_files: dict[str, Path] | list[Path], out_md: Path, out_json: Path, fig_path: Path) -> dict:
-    """Every pipeline side by side: markdown table, JSON and the AUC-per-fold figure.
-
-    `metrics_files` maps pipeline -> metrics/<pipeline>.json, or lists the files (the
-    pipeline named by each file's `pipeline` key). Also writes the figure's data as
-    `fig_path` with a .csv suffix. Returns the JSON content.
-    """
-    metrics = _load_metrics(metrics_files)
-    if not metrics:
-        raise ValueError("no metrics files to compare")
-    comparison = json_ready(
-        {
-            "part": "test",
-            "data_source": {name: m.get("data_source") for name, m in metrics.items()},
-            "n_folds": {name: m.get("n_folds") for name, m in metrics.items()},
-            "n_test_cells": {name: m.get("n_test_cells") for name, m in metrics.items()},
-            "settings": {name: m.get("settings") for name, m in metrics.items()},
-            "test": {name: _mean_std(m) for name, m in metrics.items()},
-            "validation": {name: _mean_std(m.get("validation", {})) for name, m in metrics.items()},
-            "paper": PAPER_FIGURES,
-        }
-    )
-    write_json(comparison, Path(out_json))
-    out_md = Path(out_md)
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(comparison_markdown(metrics))
-    plot_auc_per_fold(metrics, fig_path)
-    _write_csv(auc_rows(metrics), Path(fig_path).with_suffix(".csv"))
-    return comparison
-
-
-def _load_metrics(metrics_files: dict[str, Path] | list[Path]) -> dict[str, dict]:
-    if isinstance(metrics_files, dict):
-        return {name: json.loads(Path(path).read_text()) for name, path in metrics_files.items()}
-    loaded = {}
-    for path in metrics_files:
-        content = json.loads(Path(path).read_text())
-        loaded[content.get("pipeline") or Path(path).stem] = content
-    return loaded
-
-
-def _mean_std(metrics: dict) -> dict:
-    return {m: {"mean": metrics[m]["mean"], "std": metrics[m]["std"]} for m in HEADLINE if m in metrics}
-
-
-def comparison_markdown(metrics: dict[str, dict]) -> str:
-    """The comparison as markdown: provenance lines, test and validation tables, the paper's."""
-    sources = {m.get("data_source") for m in metrics.values()}
-    lines = ["# Pipeline comparison", ""]
-    if len(sources) == 1:
-        source = sources.pop()
-        lines.append(f"Data source: **{DATA_SOURCES.get(source, source)}**.")
-        if source == "synthetic":
-            lines.append("These cells are generated, not Herlev: the numbers test the code, not the paper.")
-    else:
-        listed = ", ".join(f"{name}: {m.get('data_source')}" for name, m in metrics.items())
-        lines.append(f"Data source: **mixed** ({listed}); do not compare these rows.")
-    lines.append("")
-    lines += _settings_lines(metrics)
-    lines += [
-        "",
-        "## Held-out test part",
-        "",
-        "Mean ± std over the fold models, each predicting the same held-out test cells.",
-        "",
-    ]
-    lines += _table(metrics, extra=("n_folds", "n_test_cells"))
-    lines += [
-        "",
-        "## Validation folds",
-        "",
-        "Mean ± std over folds, each model on its own validation fold.",
-        "",
-    ]
-    lines += _table({name: m.get("validation", {}) for name, m in metrics.items()})
-    lines += [
-        "",
-        "## The paper's figures, for reference",
-        "",
-        "Reported by Pirovano et al. on real Herlev with their settings; not produced by this code.",
-        "",
-    ]
-    header = ["pipeline (paper)", *(HEADLINE_LABELS[m] for m in HEADLINE)]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, figures in PAPER_FIGURES.items():
-        cells = [f"{figures[m]:.3f}" if m in figures else "—" for m in HEADLINE]
-        lines.append(f"| paper: {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _settings_lines(metrics: dict[str, dict]) -> list[str]:
-    rendered = {name: _render_settings(m.get("settings") or {}) for name, m in metrics.items()}
-    if len(set(rendered.values())) == 1:
-        return [f"Settings: {next(iter(rendered.values()))}."]
-    return ["Settings:", "", *(f"- {name}: {text}" for name, text in rendered.items())]
-
-
-def _render_settings(settings: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in settings.items()) or "not recorded"
-
-
-def _table(metrics: dict[str, dict], extra: tuple[str, ...] = ()) -> list[str]:
-    header = ["pipeline", *(HEADLINE_LABELS[m] for m in HEADLINE), *extra]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, m in metrics.items():
-        cells = [_format_mean_std(m.get(metric)) for metric in HEADLINE]
-        cells += [str(m.get(key, "—")) for key in extra]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _format_mean_std(summary: dict | None) -> str:
-    if not summary or summary.get("mean") is None:
-        return "n/a"
-    if summary.get("std") is None:
-        return f"{summary['mean']:.3f}"
-    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"

@@ -125,15 +125,25 @@ def evaluate(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, models: P
     return result
 
 
-def compare(cfg: Config, *, metrics: Path = METRICS, out: Path = COMPARISON, figures: Path = FIGURES) -> dict:
-    """Every pipeline of train.pipelines side by side (markdown, JSON, and the AUC-per-fold figure)."""
-    from pap_severity import evaluation
+def compare(cfg: Config, *, metrics: Path = METRICS, out: Path = COMPARISON, figures: Path = FIGURES,
+            served: Path = ENSEMBLE) -> dict:
+    """Every pipeline of train.pipelines side by side, and each paired against compare.reference
+    (reports/comparison.{md,json}, the AUC-per-fold figure, reports/figures/paired/). A pipeline
+    without metrics is left out and named in the notes."""
+    from pap_severity import comparison
 
     files = {name: metrics / f"{name}.json" for name in cfg.train.pipelines}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"no metrics for {', '.join(missing)}; run `dvc repro evaluate` first")
-    return evaluation.compare(files, out.with_suffix(".md"), out.with_suffix(".json"), figures / "auc_per_fold.png")
+    present = {name: path for name, path in files.items() if path.is_file()}
+    if not present:
+        raise FileNotFoundError(f"no metrics in {metrics}; run `dvc repro evaluate` first")
+    predictions = {name: comparison.served_test_predictions(served / f"{name}.predictions.csv") for name in present}
+    result = comparison.compare(present, out.with_suffix(".md"), out.with_suffix(".json"),
+                                figures / "auc_per_fold.png", reference=cfg.compare.reference,
+                                served_predictions={k: v for k, v in predictions.items() if v is not None},
+                                paired_dir=figures / "paired")
+    result["notes"] = [f"{name}: no metrics ({path}); left out" for name, path in files.items()
+                       if name not in present] + result["notes"]
+    return result
 
 
 def ensemble(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
