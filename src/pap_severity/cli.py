@@ -267,6 +267,24 @@ def train_final(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params
                f"accuracy {_fmt(m['accuracy'])}, mean AUC {_fmt(m['mean_auc'])}, score MSE {_fmt(m['mse'])}")
 
 
+@app.command("sweep")
+@clean_errors
+def sweep(
+    lambdas: Annotated[str, typer.Option(help="comma-separated lambda values")] = "0,0.25,0.5,1,2,4",
+    best_params: BestParamsOpt = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """The combined pipeline cross-validated once per lambda on the same splits: reports/sweep/lambda.*"""
+    from pap_severity import stages
+
+    try:
+        values = tuple(float(v) for v in lambdas.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from None
+    stages.sweep(_config(params), values, best_params=best_params)
+    typer.echo(Path("reports/sweep/lambda.md").read_text())
+
+
 @app.command("ensemble")
 @clean_errors
 def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:

@@ -146,6 +146,18 @@ def compare(cfg: Config, *, metrics: Path = METRICS, out: Path = COMPARISON, fig
     return result
 
 
+def sweep(cfg: Config, values: tuple[float, ...], *, manifest: Path = MANIFEST, splits: Path = SPLITS,
+          best_params: Path | None = None, models: Path = MODELS / "sweep", out: Path = Path("reports/sweep"),
+          progress: bool = True):
+    """The combined pipeline cross-validated once per lambda on the same splits (see sweep.py)."""
+    from pap_severity.sweep import lambda_sweep
+
+    cfg = tuned(cfg, best_params)
+    table, split_table, source = _data(manifest, splits)
+    return lambda_sweep(cfg, table, split_table, values, models=models, out=out, data_source=source,
+                        progress=progress)
+
+
 def ensemble(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,
              models: Path = MODELS, final: Path = FINAL, best_params: Path | None = None,
              out: Path = ENSEMBLE, metrics: Path = ENSEMBLE_METRICS, figures: Path = TRUST_FIGURES) -> dict:

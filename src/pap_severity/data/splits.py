@@ -20,6 +20,8 @@ So the rows of one repeat form a complete split, and `cv_pairs` walks every
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,7 +70,9 @@ def make_splits(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
         share = cfg.calibration_fraction / (1 - cfg.test_fraction)  # of the cells left
         calib_splits = max(2, round(1 / share))
         picker = StratifiedGroupKFold(n_splits=calib_splits, shuffle=True, random_state=cfg.seed)
-        keep, calib = next(picker.split(np.zeros(len(cv_idx)), y[cv_idx], groups[cv_idx]))
+        with warnings.catch_warnings():  # a class smaller than calib_splits simply lands in fewer parts
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            keep, calib = next(picker.split(np.zeros(len(cv_idx)), y[cv_idx], groups[cv_idx]))
         part[cv_idx[calib]] = CALIB
         cv_idx = cv_idx[keep]
     tables = []
