@@ -640,15 +640,16 @@ def test_a_study_killed_and_resumed_draws_what_an_uninterrupted_one_draws(cells,
 @pytest.mark.parametrize("url, says", [
     ("nosuchdb://postgres:s3cret@127.0.0.1/optuna", "give postgresql://user[:password]@host[:port]/database"),
     ("postgresql://postgres:s3cret@127.0.0.1:1/optuna", "check the host, port, user and password"),
-    ("postgresql://postgres:s3cret@127.0.0.1:5432/pap_no_such_database", "create the database first"),
+    pytest.param("postgresql://postgres:s3cret@127.0.0.1:5432/pap_no_such_database", "create the database first",
+                 marks=pytest.mark.postgres),
 ])
-def test_tune_with_a_bad_storage_url_says_what_to_do(cells, tmp_path, monkeypatch, url, says):
+def test_tune_with_a_bad_storage_url_says_what_to_do(cells, tmp_path, monkeypatch, request, url, says):
     from typer.testing import CliRunner
 
     from pap_severity.cli import app
 
     if "5432" in url:
-        pytest.importorskip("psycopg2")
+        request.getfixturevalue("pg_url")  # skips when the server is not there
     (tmp_path / "data").mkdir()
     shutil.copy(cells["manifest_csv"], tmp_path / "data" / "manifest.csv")
     shutil.copy(cells["splits_csv"], tmp_path / "data" / "splits.csv")

@@ -154,7 +154,8 @@ class TuneConfig(Section):
     epochs: int = Field(3, ge=1)
     metric: str = "accuracy"
     # What the study searches, by dotted setting name (any key of RUN_PARAMS; loss.lambda only
-    # for the pipelines whose loss has it). Not validated as a default: it is checked by a test.
+    # for the pipelines whose loss has it). The default is not validated (that needs Config and
+    # RUN_PARAMS, defined below); a test validates it.
     space: dict[str, TuneRange] = Field(default_factory=_default_space)
     seed: int = 0
     # Empty: a journal file under the stage's outs. Else an Optuna storage URL

@@ -86,7 +86,7 @@ class Mirror:
                 "tune.epochs": settings["epochs"],
                 "tune.seed": settings["seed"],
                 "sampler": "TPESampler(multivariate, constant_liar, seed per budget slot)",
-                "pruner": f"MedianPruner(n_startup_trials={settings['pruner'][0]}, n_warmup_steps={settings['pruner'][1]})",
+                "pruner": "MedianPruner(n_startup_trials={}, n_warmup_steps={})".format(*settings["pruner"]),
                 **{f"space.{k}": _describe(v) for k, v in settings["space"].items()},
             }
             log_params(self.client, self.parent_id, params)

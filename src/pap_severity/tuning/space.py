@@ -126,16 +126,17 @@ def study_settings(cfg: Config, pipeline: str, cv: pd.DataFrame) -> dict:
     t = cfg.tune
     overridden = overridden_keys(cfg, pipeline)
     run = {}
-    for key, value in run_definition(cfg).items():  # sections as their keys, so a key can be left out
-        leaves = {f"{key}.{k}": v for k, v in value.items()} if "." not in key and isinstance(value, dict) else {key: value}
+    for key, value in run_definition(cfg).items():  # a section by its keys, so that one can be left out
+        leaves = {f"{key}.{k}": v for k, v in value.items()} if "." not in key else {key: value}
         run |= {k: v for k, v in leaves.items() if k not in overridden}
+    space = search_space(cfg, pipeline)
     key = "sha256" if "sha256" in cv.columns else "path"
     cells = sorted(f"{c}|{s}|{f}" for c, s, f in zip(cv[key].astype(str), cv["severity"], cv["fold"]))
     return {
         "pipeline": pipeline,
         "metric": t.metric,
         "epochs": None if "train.epochs" in t.space else t.epochs,
-        "space": {k: entry.model_dump(mode="json", exclude_none=True) for k, entry in search_space(cfg, pipeline).items()},
+        "space": {k: entry.model_dump(mode="json", exclude_none=True) for k, entry in space.items()},
         "seed": t.seed,
         "pruner": [t.pruner_startup_trials, t.pruner_warmup_steps],
         "run": run,
