@@ -141,11 +141,11 @@ def missing_deps(stage: dict) -> list[str]:
 
 
 def tune_overrides() -> set[str]:
-    """The run settings a tuning study sets itself, for every pipeline it may tune."""
+    """The run settings a tuning study sets itself whatever the pipeline (the stage is shared by all)."""
     from pap_severity.tuning import space
 
     cfg = Config()
-    return set().union(*(set(space.overridden_keys(cfg, p)) for p in cfg.train.pipelines))
+    return set.intersection(*(set(space.overridden_keys(cfg, p)) for p in cfg.train.pipelines))
 
 
 def missing_params(name: str, stage: dict) -> list[str]:

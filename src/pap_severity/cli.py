@@ -181,7 +181,7 @@ def data_validate(
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="classification, regression, combined, corn or sord")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
 BestParamsOpt = Annotated[
-    Optional[Path], typer.Option(help="tuned lr, weight decay, lambda (tuning/<pipeline>/best_params.json)")
+    Optional[Path], typer.Option(help="tuned settings to apply (tuning/<pipeline>/best_params.json)")
 ]
 
 
@@ -196,16 +196,16 @@ def tune(
     no_track: NoTrackOpt = False,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Tune lr, weight decay (and lambda) of one pipeline on the cv folds; one worker of its Optuna study."""
+    """Tune the settings in tune.space of one pipeline on the cv folds; one worker of its Optuna study."""
     from pap_severity import stages
     from pap_severity.pipelines import get_pipeline
+    from pap_severity.tuning.space import BEST_FILE, format_params
 
     get_pipeline(pipeline)
     best = stages.tune(_config(params), pipeline, storage=storage, study_name=study_name, n_trials=n_trials,
                        timeout=timeout, track=not no_track)
-    shown = ", ".join(f"{k}={v:.3g}" for k, v in best["params"].items())
-    typer.echo(f"{pipeline}: best mean validation {best['metric']} {best['value']:.3f} with {shown} "
-               f"-> {stages.TUNING / pipeline / 'best_params.json'}")
+    typer.echo(f"{pipeline}: best mean validation {best['metric']} {best['value']:.3f} with "
+               f"{format_params(best['params'])} -> {stages.TUNING / pipeline / BEST_FILE}")
 
 
 @app.command("train")

@@ -7,10 +7,10 @@ params.yaml fails at load time with the key's name instead of being ignored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 PIPELINES = ("classification", "regression", "combined", "corn", "sord")
 
@@ -170,20 +170,41 @@ class CompareConfig(Section):
         return self
 
 
+class TuneRange(Section):
+    """One setting a study searches: numbers from `low` to `high` (log-uniform with `log`, on a
+    grid with `step`), or one of `choices`. Checked against the setting by TuneConfig."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: tuple[bool | int | float | str, ...] | None = None
+
+
+def _default_space() -> dict[str, TuneRange]:
+    return {
+        "train.lr": TuneRange(low=1e-4, high=3e-3, log=True),
+        "train.weight_decay": TuneRange(low=1e-6, high=1e-2, log=True),
+        # Only for the pipelines whose loss has the weight (Pipeline.uses_lambda).
+        "loss.lambda": TuneRange(low=0.1, high=4.0),
+    }
+
+
 class TuneConfig(Section):
     n_trials: int = Field(4, ge=1)
     timeout: float | None = Field(None, gt=0)
     epochs: int = Field(3, ge=1)
     metric: str = "accuracy"
-    lr: tuple[float, float] = (1e-4, 3e-3)
-    weight_decay: tuple[float, float] = (1e-6, 1e-2)
-    lambda_: tuple[float, float] = Field((0.1, 4.0), alias="lambda")
+    # What the study searches, by dotted setting name (any key of RUN_PARAMS; loss.lambda only
+    # for the pipelines whose loss has it). The default is not validated (that needs Config and
+    # RUN_PARAMS, defined below); a test validates it.
+    space: dict[str, TuneRange] = Field(default_factory=_default_space)
     seed: int = 0
     # Empty: a journal file under the stage's outs. Else an Optuna storage URL
     # (postgresql://...) that many workers share.
     storage: str = ""
     # Median pruner: trials that must finish before it judges one, and the number of first
-    # global epoch steps (fold index * tune.epochs + epoch - 1, from 0) it never judges.
+    # global epoch steps (fold index * trial epochs + epoch - 1, from 0) it never judges.
     pruner_startup_trials: int = Field(2, ge=0)
     pruner_warmup_steps: int = Field(1, ge=0)
     # RDB (PostgreSQL) storage: seconds between a running trial's heartbeats, and the silence
@@ -191,13 +212,76 @@ class TuneConfig(Section):
     heartbeat_interval: int = Field(30, ge=1)
     grace_period: int = Field(120, ge=1)
 
-    @model_validator(mode="after")
-    def _ranges(self) -> TuneConfig:
-        for name in ("lr", "weight_decay", "lambda_"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo < hi:
-                raise ValueError(f"tune.{name.rstrip('_')} must be a range 0 < low < high, got [{lo}, {hi}]")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict):
+            for old, key in (("lr", "train.lr"), ("weight_decay", "train.weight_decay"), ("lambda", "loss.lambda")):
+                if old in data:
+                    raise ValueError(f"tune.{old} is now tune.space: {key}: {{low: ..., high: ...}} "
+                                     f"(see README, tuning)")
+        return data
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, space: dict[str, TuneRange]) -> dict[str, TuneRange]:
+        if not space:
+            raise ValueError("tune.space is empty; name at least one setting to tune, "
+                             "e.g. train.lr: {low: 1.0e-4, high: 3.0e-3, log: true}")
+        return {key: _checked_range(key, entry) for key, entry in space.items()}
+
+
+def _checked_range(key: str, entry: TuneRange) -> TuneRange:
+    """`entry` with its bounds or choices in the type of setting `key`; ValueError naming the key."""
+    where = f"tune.space.{key}"
+    section, _, name = key.partition(".")
+    model = Config.model_fields[section].annotation if section in Config.model_fields else None
+    fields = {(f.alias or n): f for n, f in model.model_fields.items()} if isinstance(model, type) and \
+        issubclass(model, Section) else {}
+    if not name or name not in fields:
+        raise ValueError(f"{where}: no such setting; name one by section and key, e.g. train.lr or augment.hed")
+    if key not in RUN_PARAMS and section not in RUN_PARAMS:
+        raise ValueError(f"{where}: not a setting that defines a training run ({', '.join(RUN_PARAMS)}); "
+                         "tune one of those")
+    if key == "train.early_stopping_metric":
+        raise ValueError(f"{where}: every trial stops on tune.metric, the objective's metric; "
+                         "remove it from tune.space")
+    field = fields[name]
+    adapter = TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
+
+    def valid(value, what: str):
+        if field.annotation is float and type(value) is int:
+            value = float(value)
+        try:
+            return adapter.validate_python(value, strict=True)
+        except ValidationError as exc:
+            raise ValueError(f"{where}: {what} {value!r} is not a valid {key}: {exc.errors()[0]['msg']}") from None
+
+    if entry.choices is not None:
+        if entry.low is not None or entry.high is not None or entry.step is not None or entry.log:
+            raise ValueError(f"{where}: give either choices or low/high (log, step), not both")
+        choices = tuple(valid(c, "choice") for c in entry.choices)
+        if len(set(choices)) < 2 or len(set(choices)) != len(choices):
+            raise ValueError(f"{where}: choices must hold at least two different values, "
+                             f"got {list(entry.choices)}")
+        return entry.model_copy(update={"choices": choices})
+    if field.annotation not in (int, float):
+        raise ValueError(f"{where}: {key} is not a number; give choices: [...]")
+    if entry.low is None or entry.high is None:
+        raise ValueError(f"{where}: needs low and high (or choices)")
+    low, high = valid(entry.low, "low"), valid(entry.high, "high")
+    step = entry.step
+    if step is not None:
+        if field.annotation is int and type(step) is not int:
+            raise ValueError(f"{where}: step {step!r} must be an integer, as {key} is")
+        step = step if field.annotation is int else float(step)
+    if not low < high:
+        raise ValueError(f"{where}: low ({low}) must be below high ({high})")
+    if entry.log and low <= 0:
+        raise ValueError(f"{where}: a log range needs low > 0, got {low}")
+    if step is not None and (step <= 0 or entry.log):
+        raise ValueError(f"{where}: step must be > 0 and cannot go with log, got step {step}")
+    return entry.model_copy(update={"low": low, "high": high, "step": step})
 
 
 class RegistryConfig(Section):

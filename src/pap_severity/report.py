@@ -107,7 +107,7 @@ def _settings(metrics: Path, tuning: Path, pipelines: list[str], ui: str) -> dic
     The loss weight lambda is shown only where the pipeline's loss has it.
     """
     from pap_severity.pipelines import PIPELINES
-    from pap_severity.tuning import BEST_FILE
+    from pap_severity.tuning.space import BEST_FILE
 
     found = {}
     for name in pipelines:

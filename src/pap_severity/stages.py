@@ -33,7 +33,9 @@ REPORTS = Path("reports")
 
 def settings(cfg: Config) -> dict:
     """The setting a result was produced with, stated in every metrics file and report."""
-    return {
+    from pap_severity.tuning.space import setting
+
+    shown = {
         "data_root": cfg.data.root,
         "arch": cfg.model.arch,
         "weights": cfg.model.weights,
@@ -50,13 +52,16 @@ def settings(cfg: Config) -> dict:
         "sord_scale": cfg.loss.sord_scale,
         "seed": cfg.train.seed,
     }
+    # Every setting tune.space searches, by its key in its section, so a tuned value is always stated.
+    names = {key: key.rpartition(".")[2] for key in cfg.tune.space}
+    return shown | {name: setting(cfg, key) for key, name in names.items() if name not in shown}
 
 
 def tuned(cfg: Config, best_params: Path | None) -> Config:
-    """cfg with the tuned lr, weight decay and lambda of a best_params.json, when one is given."""
+    """cfg with the tuned settings of a best_params.json, when one is given."""
     if best_params is None:
         return cfg
-    from pap_severity.tuning import apply_best_params, read_best_params
+    from pap_severity.tuning.space import apply_best_params, read_best_params
 
     return apply_best_params(cfg, read_best_params(best_params))
 
@@ -74,7 +79,7 @@ def tune(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path 
          storage: str | None = None, study_name: str | None = None, n_trials: int | None = None,
          timeout: float | None = None, track: bool = True, progress: bool = True) -> dict:
     """Run, resume or join the pipeline's Optuna study on the cv part; writes tuning/<pipeline>/best_params.json."""
-    from pap_severity.tuning import tune as run_tune
+    from pap_severity.tuning.worker import tune as run_tune
 
     table, split_table, _ = _data(manifest, splits)
     return run_tune(cfg, pipeline, table, split_table, out, storage=storage or cfg.tune.storage or None,
