@@ -4,8 +4,8 @@ A stage's code deps must cover every module of the package that its command impo
 from the package's own import graph: the CLI command a stage runs, the `stages` function that
 command calls, and every `pap_severity` module those import, transitively (imports inside
 functions count too, so the set is an over-approximation, never an under-one). `cli` and
-`stages` themselves are the glue every stage shares and are not required: listing them would
-rerun every stage on any edit of either. The training stages must list as params every setting
+`stages` themselves (and the package root, which holds the version) are the glue every stage
+shares and are not required: listing them would rerun every stage on any edit of either. The training stages must list as params every setting
 that defines a training run (`config.RUN_PARAMS`); the tune stage may leave out the settings its
 study sets itself. A stale cache otherwise follows silently.
 """
@@ -25,7 +25,7 @@ from pap_severity.config import RUN_PARAMS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "pap_severity"
-GLUE = {"pap_severity.cli", "pap_severity.stages"}
+GLUE = {"pap_severity", "pap_severity.cli", "pap_severity.stages"}  # and the version string of the root
 TRAINING_STAGES = ("tune", "train", "train_final")
 
 
