@@ -89,7 +89,7 @@ def quick_champion(work: Path, params: Path) -> list[Path]:
 def import_model(params: Path, env: dict) -> str:
     done = subprocess.run(
         [sys.executable, "-c", "import sys; from pap_severity.config import load_config; "
-         "from pap_severity.serving import import_champion; print(import_champion(load_config(sys.argv[1])))",
+         "from pap_severity.bento_build import import_champion; print(import_champion(load_config(sys.argv[1])))",
          str(params)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"import failed:\n{done.stderr[-3000:]}")

@@ -12,8 +12,10 @@ Two BentoML services (BentoML 1.4, `@bentoml.service` classes):
   `attribute` runs Integrated Gradients with pap_severity.explain, the code of the reports.
 
 The model is the BentoML model `pap-severity:latest` (PAP_SEVERITY_BENTO_MODEL overrides), put
-in the store by `pap-severity bento import` (pap_severity.serving.import_champion) from
+in the store by `pap-severity bento import` (pap_severity.bento_build.import_champion) from
 `models:/pap-severity@champion`. Nothing here copies preprocessing, decoding or IG code.
+`/readyz` answers within `serve.probe_timeout_ms` (503 while the model service is down or
+restarting; pap_severity.serving.ReadinessGuard).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from pap_severity.serving import (
     ROUTES,
     ExplainResponse,
     PredictResponse,
+    ReadinessGuard,
     RequestError,
     UploadGuard,
     UploadLimits,
     batching_enabled,
     bento_model_tag,
-    decode_image,
+    decode_cell,
     decode_mask_upload,
     error_response,
     fractions_model,
@@ -55,7 +58,7 @@ log = logging.getLogger("pap_severity.service")
 
 CFG = serve_settings()
 SERVE = CFG.serve
-LIMITS = UploadLimits.from_config(SERVE)
+LIMITS = UploadLimits.from_config(CFG)
 BATCHING = batching_enabled(SERVE)
 MODEL_TAG = bento_model_tag()
 # The heat map is enlarged to about this many pixels a side (nearest), so small inputs stay visible.
@@ -131,13 +134,16 @@ class PapSeverityModel:
 
 ImageField = Annotated[Path, Field(description=(
     "One cell image, any format Pillow reads (BMP, PNG, JPEG, TIFF, ...); grayscale, RGBA, palette and "
-    f"16-bit images are converted to RGB. At most {LIMITS.max_upload_bytes} bytes and {LIMITS.max_pixels} "
-    "pixels."))]
+    f"16-bit images are converted to RGB, and an EXIF orientation is applied. At most {LIMITS.max_upload_bytes} "
+    f"bytes and {LIMITS.max_pixels} pixels; {LIMITS.min_side} to {LIMITS.max_side} pixels a side, the longer "
+    f"side at most {LIMITS.max_aspect:g} times the shorter."))]
 # Optional[Path] breaks BentoML 1.4's input inference (unhashable FileSchema) and `Path | None`
 # loses the file type: a Path field with a None default is both optional and a file.
 MASK_DESCRIPTION = (
     "Optional Herlev segmentation mask of the same cell (the `-d.bmp` file: blue nucleus, navy cytoplasm, "
-    "red background), the same size as the image. When sent, the answer has At_N / At_C.")
+    "red background), the same size as the image, lossless (BMP or PNG: a mask with more than "
+    f"{LIMITS.max_mask_off_palette:.0%} of its pixels in other colours is refused). When sent, the answer has "
+    "At_N / At_C.")
 
 
 @bentoml.service(
@@ -178,26 +184,28 @@ class PapSeverity:
                     raise
                 log.warning("connection to the model service dropped (%r); retrying %s", exc, name)
 
-    def _prepare(self, image: Path) -> np.ndarray:
-        return self.transform(decode_image(image, LIMITS, "image"))[None].numpy()
+    def _prepare(self, image: Path) -> tuple[np.ndarray, bool]:
+        im, rotated = decode_cell(image, LIMITS, "image")
+        return self.transform(im)[None].numpy(), rotated
 
     @bentoml.api(route="/predict")
     async def predict(self, image: ImageField) -> PredictResponse:
         """Severity class, class probabilities, severity score 1..5 and p(abnormal) of one cell.
 
-        Errors: 4xx JSON {error, status, field}: 400 bad or missing input, 413 too large, 415 not multipart.
+        Errors: 4xx JSON {error, status, field}: 400 bad or missing input (not an image, too small, too
+        elongated), 413 too large, 415 not multipart.
         """
         try:
-            x = await anyio.to_thread.run_sync(self._prepare, image)
+            x, rotated = await anyio.to_thread.run_sync(self._prepare, image)
             outputs = await self._call("forward", x)
         except RequestError as exc:
             return error_response(exc)
-        return predict_responses(self.info.pipeline, outputs, self.ref)[0]
+        return predict_responses(self.info.pipeline, outputs, self.ref, rotated)[0]
 
-    def _prepare_cell(self, image: Path, mask: Path | None) -> ig.Cell:
-        im = decode_image(image, LIMITS, "image")
+    def _prepare_cell(self, image: Path, mask: Path | None) -> tuple[ig.Cell, bool]:
+        im, rotated = decode_cell(image, LIMITS, "image")
         codes = decode_mask_upload(mask, LIMITS, im.size, "mask") if mask is not None else None
-        return ig.prepare_image(im, self.info.preprocess, codes)
+        return ig.prepare_image(im, self.info.preprocess, codes), rotated
 
     @bentoml.api(route="/explain")
     async def explain(self, image: ImageField, mask: Path = Field(None, description=MASK_DESCRIPTION)
@@ -205,17 +213,19 @@ class PapSeverity:
         """Integrated Gradients heat map (base64 PNG) of one cell, its severity score, and At_N / At_C
         (plain and area-normalised) when the cell's mask is sent. Same code and settings as the reports.
 
-        Errors: 4xx JSON {error, status, field}: 400 bad or missing input, 413 too large, 415 not multipart.
+        Errors: 4xx JSON {error, status, field}: 400 bad or missing input (not an image, too small, too
+        elongated, a mask not in the Herlev colours), 413 too large, 415 not multipart.
         """
         try:
-            cell = await anyio.to_thread.run_sync(self._prepare_cell, image, mask)
+            cell, rotated = await anyio.to_thread.run_sync(self._prepare_cell, image, mask)
             result = await self._call("attribute", cell.input[None].numpy())
         except RequestError as exc:
             return error_response(exc)
         am = ig.attribution_map(np.asarray(result["attributions"]))[0]
         upscale = max(1, HEATMAP_SIDE // max(1, am.shape[0]))
         png = ig.heatmap_png(cell.rgb, am, upscale=upscale)
-        pred = predict_responses(self.info.pipeline, np.asarray(result["outputs"]), self.ref)[0]
+        pred = predict_responses(self.info.pipeline, np.asarray(result["outputs"]), self.ref, rotated)[0]
+        relative = np.asarray(result["relative_delta"], dtype=np.float64)
         fractions = fractions_model(ig.attribution_fractions(am, cell.codes)) if cell.codes is not None else None
         return ExplainResponse(
             heatmap_png=png_base64(png),
@@ -225,13 +235,16 @@ class PapSeverity:
             baseline=str(result["baseline"]),
             n_steps=CFG.explain.n_steps,
             convergence_delta=float(np.asarray(result["delta"])[0]),
-            relative_delta=float(np.asarray(result["relative_delta"])[0]),
+            relative_delta=float(relative[0]),
+            convergence_warning=ig.convergence_message(torch.from_numpy(relative), CFG.explain),
             image_size=int(am.shape[0]),
             fractions=fractions,
+            rotated=rotated,
             model=self.ref,
         )
 
 
 PapSeverity.add_asgi_middleware(UploadGuard, max_upload_bytes=LIMITS.max_upload_bytes, routes=ROUTES)
+PapSeverity.add_asgi_middleware(ReadinessGuard, timeout_s=SERVE.probe_timeout_ms / 1000)
 
 __all__ = ["PapSeverity", "PapSeverityModel"]

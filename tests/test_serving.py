@@ -21,10 +21,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
 from pap_severity import explain as ig
 from pap_severity.config import SplitConfig
@@ -34,7 +35,14 @@ from pap_severity.data.masks import read_mask
 from pap_severity.data.splits import make_splits
 from pap_severity.data.synth import make_synthetic
 from pap_severity.pipelines import get_pipeline
-from pap_severity.serving import RequestError, UploadLimits, decode_image, decode_mask_upload
+from pap_severity.serving import (
+    RequestError,
+    UploadLimits,
+    decode_cell,
+    decode_image,
+    decode_mask_upload,
+    off_palette_share,
+)
 from pap_severity.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +50,7 @@ BENTO_DIR = ROOT / "bento"
 BENTOML = Path(sys.executable).parent / "bentoml"
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 200_000
+PROBE_TIMEOUT_MS = 1000
 TOL = 1e-5
 
 pytestmark = pytest.mark.slow
@@ -65,7 +74,10 @@ def server_params(root: Path, tracking_uri: str) -> Path:
         "train": {"batch_size": 16, "device": "cpu", "channels_last": False, "amp": False, "epochs": 1,
                   "threads": 1},
         "serve": {"host": "127.0.0.1", "max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS,
-                  "batch_max_size": 8, "batch_max_latency_ms": 10_000, "torch_threads": 1, "batching": True},
+                  "batch_max_size": 8, "batch_max_latency_ms": 10_000, "torch_threads": 1, "batching": True,
+                  "probe_timeout_ms": PROBE_TIMEOUT_MS},
+        # Every explanation is "over the threshold", so each answer must carry the warning.
+        "explain": {"delta_threshold": 0.0},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "serving-test"},
     }
     path = root / "params.yaml"
@@ -87,7 +99,7 @@ def served(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", tracking)
         mp.chdir(root)
         from pap_severity.config import load_config
-        from pap_severity.registry import load_model, register
+        from pap_severity.registry import load_champion, register
         from pap_severity.training import train_final
 
         cfg = load_config(params)
@@ -96,57 +108,76 @@ def served(tmp_path_factory):
         splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.25, seed=0))
         bundle = train_final(cfg, "combined", manifest, splits, root / "combined.pt", progress=False)
         reg = register(cfg, bundle, {"accuracy": 0.5}, data_source="synthetic")
-        loaded = load_model(cfg)
+        loaded = load_champion(cfg)
 
     imported = subprocess.run(
         [sys.executable, "-c", "import sys; from pap_severity.config import load_config; "
-         "from pap_severity.serving import import_champion; print(import_champion(load_config(sys.argv[1])))",
+         "from pap_severity.bento_build import import_champion; print(import_champion(load_config(sys.argv[1])))",
          str(params)], env=env, capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr[-3000:]
     tag = imported.stdout.strip().splitlines()[-1]
 
+    proc, url, log = start_server(env, root / "serve.log")
+    client = httpx.Client(base_url=url, timeout=120)
+    try:
+        cells = manifest.sort_values("path").groupby("severity").head(1).reset_index(drop=True)
+        yield {"url": url, "client": client, "cfg": cfg, "bundle": bundle, "loaded": loaded, "reg": reg,
+               "tag": tag, "cells": cells, "log": root / "serve.log", "root": root, "proc": proc, "env": env}
+    finally:
+        client.close()
+        stop_server(proc)
+        log.close()
+
+
+def start_server(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, object]:
+    """`bentoml serve` from bento/ on a free loopback port, once /readyz says 200: (process, url, log file)."""
     port = free_port()
-    log_path = root / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen([str(BENTOML), "serve", "--port", str(port)], cwd=BENTO_DIR, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=120)
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError(f"bentoml serve exited ({proc.returncode}):\n{log_path.read_text()[-5000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(proc)
+            log.close()
+            raise RuntimeError(f"bentoml serve not ready in time:\n{log_path.read_text()[-5000:]}")
+        time.sleep(1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL for the server and every worker it started (workers have their own sessions)."""
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited ({proc.returncode}):\n{log_path.read_text()[-5000:]}")
-            try:
-                if client.get("/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve not ready in time:\n{log_path.read_text()[-5000:]}")
-            time.sleep(1)
-        cells = manifest.sort_values("path").groupby("severity").head(1).reset_index(drop=True)
-        yield {"url": url, "client": client, "cfg": cfg, "bundle": bundle, "loaded": loaded, "reg": reg,
-               "tag": tag, "cells": cells, "log": log_path, "root": root, "proc": proc}
-    finally:
-        client.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        log.close()
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    for worker in alive:
+        worker.kill()
 
 
 def in_process(served, image: Image.Image):
     """The registered model, loaded in this process, on the training preprocessing of `image`."""
-    loaded = served["loaded"]
-    x = eval_transform(loaded.preprocess)(image)[None]
+    model, meta = served["loaded"]
+    x = eval_transform(meta["preprocess"])(image)[None]
     with torch.no_grad():
-        out = loaded.model(x)
-    return get_pipeline(loaded.pipeline).decode(out)
+        out = model(x)
+    return get_pipeline(meta["pipeline"]).decode(out)
 
 
 def assert_matches(body: dict, pred, i: int = 0) -> None:
@@ -202,8 +233,9 @@ def test_openapi_documents_every_field(served):
     spec = served["client"].get("/docs.json").json()
     for route, inputs, output_fields in (
         ("/predict", {"image"}, {"severity", "severity_index", "probabilities", "severity_score",
-                                 "abnormal_probability", "model"}),
-        ("/explain", {"image", "mask"}, {"heatmap_png", "severity_score", "fractions", "model"}),
+                                 "abnormal_probability", "rotated", "model"}),
+        ("/explain", {"image", "mask"}, {"heatmap_png", "severity_score", "fractions", "convergence_warning",
+                                         "rotated", "model"}),
     ):
         op = spec["paths"][route]["post"]
         assert op.get("description")
@@ -232,6 +264,7 @@ def test_predict_equals_in_process_model(served):
         assert body["model"]["uri"] == f"models:/pap-severity/{reg.version}"
         assert body["model"]["bento_model"] == served["tag"]
         assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
+        assert body["rotated"] is False
 
 
 def test_concurrent_requests_are_batched(served):
@@ -314,6 +347,10 @@ def test_explain_without_mask(served):
     assert abs(body["severity_score"] - float(pred.score[0])) <= TOL
     _, result, _ = _in_process_ig(served, Image.open(path))
     assert abs(body["convergence_delta"] - float(result.delta[0])) <= 1e-4
+    # explain.delta_threshold is 0 here: the answer must say the attributions are approximate.
+    assert body["relative_delta"] > 0 and body["rotated"] is False
+    assert body["convergence_warning"].startswith("1 of 1 images have a convergence delta above 0 of"), body
+    assert "raise explain.n_steps" in body["convergence_warning"]
 
 
 def test_explain_with_mask_gives_the_reports_fractions(served):
@@ -331,6 +368,36 @@ def test_explain_with_mask_gives_the_reports_fractions(served):
     expected = ig.attribution_fractions(am, cell.codes)
     for key in ("at_n", "at_c", "at_n_norm", "at_c_norm", "abs_at_n", "abs_at_c", "nucleus_share"):
         assert abs(f[key] - expected[key]) <= 1e-4 * max(1.0, abs(expected[key])), key
+
+
+def _sideways_jpeg(served) -> tuple[bytes, Image.Image]:
+    """A non-square cell stored turned a quarter left with EXIF orientation 6 (a phone held sideways),
+    and the image as a viewer shows it."""
+    upright_view = Image.open(good_cell(served)).convert("RGB").resize((48, 24))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns it a quarter right
+    buf = io.BytesIO()
+    upright_view.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif)
+    data = buf.getvalue()
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    assert shown.size == (48, 24)
+    return data, shown
+
+
+def test_exif_orientation_is_applied_and_reported(served):
+    data, shown = _sideways_jpeg(served)
+    r = post_image(served, data, name="sideways.jpg")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rotated"] is True
+    assert_matches(body, in_process(served, shown))
+    r = post_image(served, data, name="sideways.jpg", route="/explain")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rotated"] is True
+    _, result, _ = _in_process_ig(served, shown)
+    assert abs(body["severity_score"] - float(result.outputs[0, -1])) <= TOL
+    assert abs(body["convergence_delta"] - float(result.delta[0])) <= 1e-4
 
 
 # --------------------------------------------------------------------------------------
@@ -351,9 +418,24 @@ def _bomb() -> bytes:
     return png_bytes(Image.new("L", (1000, 1000)))  # 1e6 pixels in a few KB
 
 
+def _big_text_png() -> bytes:
+    """A valid PNG whose compressed text chunk expands past Pillow's limit (3 MB of 'A' in 3 KB)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "A" * 3_000_000, zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 150, 180)).save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _random_mask(size: tuple[int, int]) -> bytes:
+    return png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)))
+
+
 def _bad_requests(served) -> dict:
     cell = good_cell(served).read_bytes()
     mask = good_cell(served).with_name(good_cell(served).stem + "-d.bmp").read_bytes()
+    size = Image.open(good_cell(served)).size
+    jpeg_mask = png_bytes(Image.open(io.BytesIO(mask)).convert("RGB"), "JPEG")
     empty_form, empty_headers = _multipart([])
     text_form, text_headers = _multipart([("image", None, b"http://example.com/cell.png")])
 
@@ -395,13 +477,31 @@ def _bad_requests(served) -> dict:
         "mask_wrong_size": ("/explain", {"files": {"image": ("x.bmp", cell, "image/bmp"),
                                                    "mask": ("m.png", png_bytes(Image.new("RGB", (10, 12))),
                                                             "image/png")}}, 400, "10x12"),
+        # Degenerate cells: a 4xx naming the limit, not a confident answer.
+        "one_pixel": ("/predict", {"files": {"image": ("x.png", png_bytes(Image.new("RGB", (1, 1))), "image/png")}},
+                      400, "data.min_size = 16"),
+        "strip": ("/predict", {"files": {"image": ("x.png", png_bytes(Image.new("RGB", (5000, 10))), "image/png")}},
+                  400, "data.min_size = 16"),
+        "elongated": ("/predict", {"files": {"image": ("x.png", png_bytes(Image.new("RGB", (200, 40))), "image/png")}},
+                      400, "serve.max_aspect = 4"),
+        "side_over_max_size": ("/explain", {"files": {"image": ("x.png", png_bytes(Image.new("RGB", (2100, 80))),
+                                                                "image/png")}}, 413, "data.max_size = 2048"),
+        "random_colour_mask": ("/explain", {"files": {"image": ("x.bmp", cell, "image/bmp"),
+                                                      "mask": ("m.png", _random_mask(size), "image/png")}},
+                               400, "none of the herlev mask colours"),
+        "jpeg_mask": ("/explain", {"files": {"image": ("x.bmp", cell, "image/bmp"),
+                                             "mask": ("m.jpg", jpeg_mask, "image/jpeg")}},
+                      400, "never jpeg"),
+        "big_text_chunk": ("/predict", {"files": {"image": ("x.png", _big_text_png(), "image/png")}}, 400,
+                           "text metadata"),
     }
 
 
 BAD = ["not_an_image", "truncated", "empty_file", "empty_body", "no_body_at_all", "oversize_file", "oversize_body",
        "oversize_chunked", "too_many_pixels", "missing_field", "missing_image_with_mask", "wrong_field_name",
        "text_instead_of_file", "json_body", "raw_image_body", "no_boundary", "malformed_multipart", "two_images",
-       "mask_not_an_image", "mask_wrong_size"]
+       "mask_not_an_image", "mask_wrong_size", "one_pixel", "strip", "elongated", "side_over_max_size",
+       "random_colour_mask", "jpeg_mask", "big_text_chunk"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -451,11 +551,113 @@ def test_decode_image_limits_and_modes(tmp_path):
     assert err.value.status == 400 and err.value.field == "mask"
 
 
+def test_decode_cell_applies_sizes_aspect_and_orientation():
+    limits = UploadLimits(max_upload_bytes=10**6, max_pixels=10**6, min_side=16, max_side=100, max_aspect=4.0)
+    for size, status, words in (((1, 1), 400, "data.min_size = 16"), ((500, 10), 400, "data.min_size = 16"),
+                                ((101, 40), 413, "data.max_size = 100"), ((90, 20), 400, "serve.max_aspect = 4")):
+        with pytest.raises(RequestError) as err:
+            decode_cell(png_bytes(Image.new("RGB", size)), limits)
+        assert err.value.status == status and words in err.value.message and err.value.field == "image", size
+    im, rotated = decode_cell(png_bytes(Image.new("RGB", (80, 20))), limits)
+    assert im.size == (80, 20) and not rotated
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 40), (10, 20, 30)).save(buf, "JPEG", exif=exif)
+    im, rotated = decode_cell(buf.getvalue(), limits)
+    assert im.size == (40, 20) and rotated
+
+
+def test_png_text_chunk_over_pillows_limit_is_named():
+    with pytest.raises(RequestError) as err:
+        decode_image(_big_text_png(), UploadLimits(max_upload_bytes=10**6, max_pixels=10**6))
+    message = err.value.message
+    assert err.value.status == 400 and "corrupt" not in message
+    assert "text metadata" in message and str(PngImagePlugin.MAX_TEXT_CHUNK) in message and "without" in message
+
+
+def test_mask_off_palette_share(tmp_path):
+    """Herlev masks hold their five colours only; a JPEG copy or random colours lose many pixels."""
+    from pap_severity.data.masks import decode_mask, encode_mask
+
+    yy, xx = np.mgrid[:40, :40]
+    codes = np.zeros((40, 40), np.uint8)
+    codes[(yy - 20) ** 2 + (xx - 20) ** 2 < 150] = 1
+    codes[(yy - 20) ** 2 + (xx - 20) ** 2 < 30] = 2
+    codes[:2] = 255  # the grey band
+    mask = encode_mask(codes).convert("RGB")
+    rgb = np.asarray(mask)
+    assert off_palette_share(rgb, decode_mask(rgb)) == 0.0
+    jpeg = np.asarray(Image.open(io.BytesIO(png_bytes(mask, "JPEG"))).convert("RGB"))
+    assert off_palette_share(jpeg, decode_mask(jpeg)) > 0.05
+    limits = UploadLimits(max_upload_bytes=10**6, max_pixels=10**6, max_mask_off_palette=0.05)
+    assert (decode_mask_upload(png_bytes(mask), limits, (40, 40)) == decode_mask(rgb)).all()
+    with pytest.raises(RequestError) as err:
+        decode_mask_upload(png_bytes(mask, "JPEG"), limits, (40, 40))
+    assert err.value.status == 400 and err.value.field == "mask" and "serve.max_mask_off_palette = 5%" in err.value.message
+
+
+def _probe(url: str, timeout: float) -> tuple[int | None, float, str]:
+    """GET /readyz: (status or None when the client gave up, seconds, body)."""
+    t0 = time.monotonic()
+    try:
+        r = httpx.get(f"{url}/readyz", timeout=timeout)
+    except httpx.HTTPError as exc:
+        return None, time.monotonic() - t0, repr(exc)
+    return r.status_code, time.monotonic() - t0, r.text
+
+
+def _model_worker(proc: subprocess.Popen) -> psutil.Process:
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pap_severity_model" in c.cmdline()]
+    assert len(workers) == 1, workers
+    return workers[0]
+
+
+def test_readyz_is_503_while_the_model_worker_restarts_and_sigterm_still_stops_the_server(served):
+    """A model worker killed: /readyz answers 503 within serve.probe_timeout_ms, 200 once a new worker
+    is up; and a probe sent while the worker is down never keeps SIGTERM from stopping the server."""
+    proc, url, log = start_server(served["env"], served["root"] / "serve-restart.log")
+    try:
+        worker = _model_worker(proc)
+        worker.kill()
+        worker.wait(10)
+        status, seconds, body = _probe(url, timeout=20)
+        assert status == 503 and seconds < PROBE_TIMEOUT_MS / 1000 + 2, (status, seconds, body)
+        assert json.loads(body)["error"].startswith("not ready: the model service is unavailable")
+        deadline = time.monotonic() + 240  # circus starts a new worker, which loads the model again
+        while (status := _probe(url, timeout=20)[0]) != 200 and time.monotonic() < deadline:
+            assert status == 503, status
+            time.sleep(1)
+        assert status == 200, "the model worker never came back"
+        files = {"image": ("cell.bmp", good_cell(served).read_bytes(), "image/bmp")}
+        assert httpx.post(f"{url}/predict", files=files, timeout=120).status_code == 200
+
+        worker = _model_worker(proc)
+        worker.kill()
+        worker.wait(10)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_probe, url, 120)
+            time.sleep(PROBE_TIMEOUT_MS / 1000 + 1)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+            stopped_after = time.monotonic() - t0
+            status, seconds, body = pending.result(timeout=180)
+        assert status == 503 and seconds < PROBE_TIMEOUT_MS / 1000 + 2, (status, seconds, body)
+        assert proc.poll() is not None, f"SIGTERM did not stop the server within 60 s ({stopped_after:.0f} s)"
+    finally:
+        stop_server(proc)
+        log.close()
+
+
 def test_bentoml_build_works_offline(served, tmp_path):
     """`bentoml build` of a copy of bento/ (so the working tree is untouched): no lock step, no download."""
     import shutil
 
-    from pap_severity.serving import build_wheel
+    from pap_severity.bento_build import build_wheel
 
     ctx = tmp_path / "bento"
     ctx.mkdir()

@@ -326,9 +326,15 @@ def register(
     from pap_severity import stages
 
     cfg = _config(params)
+    alias = cfg.registry.alias
     for r in stages.register(cfg, tuple(pipeline) if pipeline else None):
-        state = f"@{cfg.registry.alias}" if r.promoted else f"not {cfg.registry.alias}"
-        typer.echo(f"{r.name} v{r.version}: {state} ({r.reason})" + ("" if r.created else " [already registered]"))
+        if not r.created:
+            holder = f"@{alias} is v{r.champion_version}" if r.champion_version else f"no version holds @{alias}"
+            typer.echo(f"{r.name} v{r.version}: already registered, nothing added ({holder})")
+        elif r.moved_alias:
+            typer.echo(f"{r.name} v{r.version}: @{alias} ({r.reason})")
+        else:
+            typer.echo(f"{r.name} v{r.version}: not {alias} ({r.reason})")
         if r.missing_artifacts:
             typer.echo(f"  missing artifacts: {', '.join(map(str, r.missing_artifacts))}")
 
@@ -350,7 +356,7 @@ def bento_import(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Copy models:/<registry.model_name>@<alias> into the BentoML model store (BENTOML_HOME)."""
-    from pap_severity.serving import import_champion
+    from pap_severity.bento_build import import_champion
 
     tag = import_champion(_config(params), alias=alias, version=version)
     typer.echo(f"imported {tag}; serve it: cd bento && bentoml serve")
@@ -360,7 +366,7 @@ def bento_import(
 @clean_errors
 def bento_wheel() -> None:
     """Build the package wheel into bento/wheels (offline), for `bentoml build`."""
-    from pap_severity.serving import build_wheel
+    from pap_severity.bento_build import build_wheel
 
     typer.echo(f"wrote {build_wheel()}")
 
@@ -371,19 +377,12 @@ def bento_build(
     record: Annotated[Optional[Path], typer.Option(help="also write the bento tag to this JSON file")] = None,
 ) -> None:
     """Build the wheel, then `bentoml build` bento/ (offline); import the model first."""
-    import os
-
+    from pap_severity.bento_build import bento_record, build_bento
     from pap_severity.files import write_json
-    from pap_severity.serving import build_bento
 
-    # The project in the working directory (a DVC run), else the one the package was installed from.
-    tag = build_bento(Path.cwd() if (Path("bento") / "bentofile.yaml").is_file() else None)
+    tag = build_bento()
     if record is not None:
-        home = Path(os.environ.get("BENTOML_HOME", "~/bentoml")).expanduser()
-        if home.is_absolute() and home.is_relative_to(Path.cwd()):  # portable: relative to bento/
-            home = Path("..") / home.relative_to(Path.cwd())
-        write_json({"bento": str(tag), "bentoml_home": home.as_posix(),
-                    "serve": f"cd bento && BENTOML_HOME={home.as_posix()} bentoml serve"}, record)
+        write_json(bento_record(tag), record)
     typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve (with the same BENTOML_HOME)")
 
 

@@ -287,16 +287,43 @@ def _checked_range(key: str, entry: TuneRange) -> TuneRange:
 class RegistryConfig(Section):
     model_name: str = "pap-severity"
     pipeline: str = "combined"
-    metric: str = "accuracy"
-    # The new version takes `champion` unless its metric is worse than the champion's by more than this.
-    margin: float = Field(0.0, ge=0.0)
+    # A new version takes `alias` only if on none of these test metrics it is worse than the
+    # champion by more than its margin: one number for all, or {metric: margin}.
+    metrics: tuple[str, ...] = ("accuracy", "mean_auc", "mse")
+    margin: float | dict[str, float] = 0.0
     alias: str = "champion"
+    # Registrations take a lock of the store (SQLite: a file lock; PostgreSQL: an advisory
+    # lock). For an MLflow server (http), a postgresql:// URL to take the advisory lock in;
+    # empty: no lock there (duplicates and lost alias moves are still checked afterwards).
+    lock: str = ""
+
+    @model_validator(mode="after")
+    def _rule(self) -> RegistryConfig:
+        if not self.metrics:
+            raise ValueError("registry.metrics: name at least one metric")
+        margins = self.margin if isinstance(self.margin, dict) else {"*": self.margin}
+        negative = {k: v for k, v in margins.items() if not v >= 0}
+        if negative:
+            raise ValueError(f"registry.margin must be >= 0, got {negative}")
+        if isinstance(self.margin, dict):
+            stray = sorted(set(self.margin) - set(self.metrics))
+            if stray:
+                raise ValueError(f"registry.margin names {stray}, which are not in registry.metrics {list(self.metrics)}")
+        return self
 
 
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(4096 * 4096, ge=1)
+    # Cells must also fit data.min_size..data.max_size a side (the sizes the data is validated
+    # against); the longer side may be at most this many times the shorter one.
+    max_aspect: float = Field(4.0, ge=1.0)
+    # An uploaded mask is refused when more than this share of its pixels are none of the
+    # Herlev mask colours (the mask decoder cannot place them: a lossy or foreign mask).
+    max_mask_off_palette: float = Field(0.05, ge=0.0, le=1.0)
+    # /readyz answers 503 when the model service has not said it is ready within this time.
+    probe_timeout_ms: int = Field(1000, ge=1)
     batch_max_size: int = Field(32, ge=1)
     batch_max_latency_ms: int = Field(5000, ge=1)
     torch_threads: int = Field(1, ge=1)

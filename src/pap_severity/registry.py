@@ -14,22 +14,42 @@
 - The model version carries the tags `content_hash` (sha256 of the pipeline, the
   architecture, the preprocessing and every weight), `pipeline`, `data_source`,
   `git_commit`, `test_<metric>` for the headline test metrics, `promotion` (promoted |
-  not promoted) and `promotion_reason`.
-- Promotion rule: a new version takes the alias `registry.alias` ("champion") unless its
-  test `registry.metric` is worse than the current champion's by more than
-  `registry.margin` (worse = lower, or higher for mse, mae, macro_mae). A missing or NaN
-  metric is never promoted over a champion that has one. Otherwise the version is
-  registered without the alias and the reason is in its tags and in the result.
+  not promoted), `promotion_reason` and `promotion_figures` (JSON: per metric of the rule,
+  this version's value, the champion's, the margin, how much worse, and the verdict).
+- Promotion rule: a new version takes the alias `registry.alias` ("champion") only if,
+  on every metric of `registry.metrics` (default accuracy, mean AUC and score MSE), its
+  test value is not worse than the current champion's by more than the metric's margin
+  (`registry.margin`: one number, or one per metric; worse = lower, or higher for mse,
+  mae, macro_mae). One number on a small test part decides nothing alone: a challenger
+  that gains one cell of accuracy while losing AUC and MSE stays out. A missing or NaN
+  metric never beats a champion that has it; a metric neither has is not judged.
+  Otherwise the version is registered without the alias and the reason is in its tags
+  and in the result.
 - Idempotent: a model whose content hash is already registered under the name adds no
   run and no version; the existing version is returned (`created=False`). So re-running
   the stage with nothing changed adds nothing.
-- `models:/pap-severity@champion` loads on a CPU-only machine: the model is exported from
-  a CPU copy (Tracker.log_model), so every weight of the pt2 archive is a CPU tensor
-  whatever device trained it. (A pt2 model cannot be moved between devices after loading;
-  `mlflow.pytorch.load_model` ignores map_location for it.) `load_champion` checks this.
-  Checked: a model trained on an H100 (AMP, channels_last) loads here on a CPU-only
-  machine and gives the CPU outputs of the trained weights exactly; a pt2 exported from
-  the CUDA model itself does not even load without a GPU ("No CUDA GPUs are available").
+- Concurrent registrations (two `pap-severity register` at once, on one machine or many):
+  the idempotence check, the new version, the decision and the alias move happen under
+  one lock of the store (`registration_lock`): a file lock beside a SQLite database (its
+  processes share a machine), a PostgreSQL advisory lock when the tracking URI is a
+  PostgreSQL database (any number of machines), or, for an MLflow server (http), an
+  advisory lock in the PostgreSQL database `registry.lock` names. So each content hash
+  gets one version, the second of two identical registrations returns the first one's
+  version (`created=False`), two different models are compared in turn, and a brand-new
+  store is created by one process only. Without a lock (an MLflow server and no
+  `registry.lock`) two checks still hold: a version whose content hash already has a lower
+  version deletes itself and its run (so one version per hash remains), and a process
+  reports the alias as moved only if the alias holds its version when read back; but two
+  different challengers may then each be compared with the champion they saw, and the
+  later alias write wins.
+- `load_champion` (the user's way in, e.g. from a notebook) loads
+  `models:/pap-severity@champion` on a CPU-only machine: the model is exported from a CPU
+  copy (Tracker.log_model), so every weight of the pt2 archive is a CPU tensor whatever
+  device trained it. (A pt2 model cannot be moved between devices after loading;
+  `mlflow.pytorch.load_model` ignores map_location for it.) Checked: a model trained on an
+  H100 (AMP, channels_last) loads here on a CPU-only machine and gives the CPU outputs of
+  the trained weights exactly; a pt2 exported from the CUDA model itself does not even load
+  without a GPU ("No CUDA GPUs are available").
 - The loaded model is a torch.export module in inference mode (BatchNorm uses its running
   statistics): call it, under torch.no_grad(), but never `.eval()`/`.train()` (torch
   raises "Calling eval() is not supported yet"). Input: preprocessed cells
@@ -49,6 +69,8 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,23 +78,24 @@ import numpy as np
 import torch
 
 from pap_severity.checkpoints import ModelBundle, load_bundle
-from pap_severity.config import Config
-from pap_severity.evaluation import LOWER_IS_BETTER
+from pap_severity.config import Config, RegistryConfig
+from pap_severity.evaluation import HEADLINE, LOWER_IS_BETTER, STOPPING_METRICS
+from pap_severity.files import json_ready
 from pap_severity.transforms import Preprocess, white_input
 
 log = logging.getLogger(__name__)
 
 REFERENCE_ARTIFACT = "reference/reference_io.npz"
 EXPLAIN_FILES = ("report.html", "attributions.csv", "summary.json")
-HEADLINE_TAGS = ("accuracy", "balanced_accuracy", "mean_auc", "mse", "mae", "macro_mae", "qwk",
-                 "binary_accuracy", "binary_f1", "sensitivity", "specificity")
+# One lock for all registrations on a store: creating a fresh store is part of what it guards.
+LOCK_NAME = "pap-severity/register"
 
 
 @dataclass
 class RegistrationResult:
     name: str
     version: str
-    promoted: bool  # this version holds the alias
+    promoted: bool  # this version holds the alias (after this call)
     reason: str
     model_uri: str  # models:/<name>/<version>
     run_id: str
@@ -80,6 +103,8 @@ class RegistrationResult:
     created: bool = True  # False: the same model was registered before, nothing was added
     missing_artifacts: list[str] = field(default_factory=list)
     champion_version: str | None = None  # the version holding the alias after this call
+    moved_alias: bool = False  # this call moved the alias to this version
+    figures: dict = field(default_factory=dict)  # the promotion rule's numbers (tag promotion_figures)
 
 
 def model_name_for(cfg: Config, pipeline: str) -> str:
@@ -119,9 +144,27 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+def reference_inputs(pre: Preprocess, example: np.ndarray | None = None) -> np.ndarray:
+    """Preprocessed inputs [N, 3, S, S] float32 to check a model's outputs on: the given ones,
+    else a white cell and seeded noise. Two rows at least keep the batch dimension dynamic
+    in the export. The registry records the outputs for these; the server compares the
+    model it rebuilds with the exported one on them."""
+    if example is not None:
+        x = np.ascontiguousarray(example, dtype=np.float32)
+        return np.concatenate([x, x])[:2] if x.shape[0] < 2 else x
+    white = white_input(pre)[None]
+    noise = torch.randn(1, *white.shape[1:], generator=torch.Generator().manual_seed(0))
+    return torch.cat([white, noise]).numpy().astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------
+# The promotion rule
+# --------------------------------------------------------------------------------------
+
+
 def promotion_decision(metric: str, new: float | None, champion: float | None, margin: float,
                        champion_version: str | None = None) -> tuple[bool, str]:
-    """(promote?, reason) under the rule: not worse than the champion by more than margin."""
+    """(acceptable?, reason) for one metric: not worse than the champion by more than margin."""
     lower = metric in LOWER_IS_BETTER
     if champion_version is None:
         return True, "no champion yet"
@@ -143,6 +186,49 @@ def promotion_decision(metric: str, new: float | None, champion: float | None, m
     return True, f"{summary}: not worse"
 
 
+def margin_of(reg: RegistryConfig, metric: str) -> float:
+    """The margin of one metric of the rule (registry.margin: one number, or one per metric)."""
+    return float(reg.margin.get(metric, 0.0)) if isinstance(reg.margin, dict) else float(reg.margin)
+
+
+def check_rule(reg: RegistryConfig) -> None:
+    """registry.metrics must be metrics the final models are measured on."""
+    unknown = [m for m in reg.metrics if m not in STOPPING_METRICS]
+    if unknown:
+        raise ValueError(f"registry.metrics: unknown metric(s) {unknown}; choose from {sorted(STOPPING_METRICS)}")
+
+
+def promotion_rule(reg: RegistryConfig, new: dict[str, float], champion: dict[str, float] | None,
+                   champion_version: str | None) -> tuple[bool, str, dict]:
+    """(promote?, reason, figures): promote when no metric of registry.metrics is worse than the
+    champion's beyond its margin (promotion_decision, metric by metric)."""
+    if champion_version is None:
+        return True, "no champion yet", {"champion_version": None, "metrics": {}}
+    champion = champion or {}
+    figures: dict = {"champion_version": champion_version, "metrics": {}}
+    failed, parts = [], []
+    for metric in reg.metrics:
+        value, champ, margin = new.get(metric), champion.get(metric), margin_of(reg, metric)
+        ok, why = promotion_decision(metric, value, champ, margin, champion_version)
+        finite = value is not None and math.isfinite(value) and champ is not None and math.isfinite(champ)
+        worse_by = ((value - champ) if metric in LOWER_IS_BETTER else (champ - value)) if finite else None
+        figures["metrics"][metric] = {"value": value, "champion": champ, "margin": margin, "worse_by": worse_by,
+                                      "lower_is_better": metric in LOWER_IS_BETTER, "ok": ok}
+        parts.append(why)
+        if not ok:
+            failed.append(metric)
+    if failed:
+        head = f"worse than champion v{champion_version} beyond the margin on {', '.join(failed)}"
+    else:
+        head = f"not worse than champion v{champion_version} beyond the margin on {', '.join(reg.metrics)}"
+    return not failed, f"{head}: {'; '.join(parts)}", figures
+
+
+# --------------------------------------------------------------------------------------
+# The store: client, lock, lookups
+# --------------------------------------------------------------------------------------
+
+
 def _client(cfg: Config):
     """A client of the config's store, for tracking and registry both. Explicit: the fluent
     registry URI (mlflow.set_registry_uri, MLFLOW_REGISTRY_URI) is never read nor set here."""
@@ -154,6 +240,59 @@ def _client(cfg: Config):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@contextmanager
+def _pg_advisory_lock(url: str, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock (released by the server if the process dies)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    from pap_severity.tracking import redact
+
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"{redact(url)}: no database driver ({exc}); SQLAlchemy reads a bare postgresql:// as "
+                         "psycopg 3: spell the installed driver, postgresql+psycopg2://...") from None
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def registration_lock(cfg: Config) -> Iterator[str]:
+    """Hold the store's registration lock (see the module docstring); yields what was locked, in words."""
+    from filelock import FileLock
+
+    from pap_severity.tracking import redact, tracking_uri
+
+    uri = cfg.registry.lock or tracking_uri(cfg)
+    scheme = uri.split(":", 1)[0].lower()
+    if scheme.startswith("postgresql"):
+        with _pg_advisory_lock(uri, LOCK_NAME):
+            yield f"PostgreSQL advisory lock in {redact(uri)}"
+        return
+    if cfg.registry.lock:
+        raise ValueError(f"registry.lock={redact(cfg.registry.lock)!r}: give a postgresql:// URL (or leave it empty)")
+    if scheme == "sqlite":
+        db = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        if db and db != ":memory:":
+            path = Path(db).with_name(Path(db).name + ".lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(path):
+                yield f"file lock {path}"
+            return
+    log.info("no registration lock for the store %s; duplicates and lost alias moves are checked afterwards",
+             redact(uri))
+    yield "none"
+
+
 def _champion(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
@@ -163,24 +302,94 @@ def _champion(client, name: str, alias: str):
         return None
 
 
-def _version_metric(client, version, metric: str) -> float | None:
-    tag = version.tags.get(f"test_{metric}")
-    if tag is not None:
-        try:
-            return float(tag)
-        except ValueError:
-            return None
-    if version.run_id:
-        try:
-            return client.get_run(version.run_id).data.metrics.get(f"test_{metric}")
-        except Exception:  # the run was deleted
-            return None
-    return None
+def _version_metrics(client, version, metrics) -> dict[str, float | None]:
+    """A version's test metrics: its `test_<metric>` tags, else its run's metrics."""
+    out: dict[str, float | None] = {}
+    run_metrics = None
+    for metric in metrics:
+        tag = version.tags.get(f"test_{metric}")
+        if tag is not None:
+            try:
+                out[metric] = float(tag)
+            except ValueError:
+                out[metric] = None
+            continue
+        if run_metrics is None:
+            try:
+                run_metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+            except Exception:  # the run was deleted
+                run_metrics = {}
+        out[metric] = run_metrics.get(f"test_{metric}")
+    return out
 
 
-def _existing(client, name: str, digest: str):
+def _versions_of(client, name: str, digest: str) -> list:
     found = client.search_model_versions(f"name = '{name}' and tags.content_hash = '{digest}'")
-    return min(found, key=lambda v: int(v.version)) if found else None
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def find_version(cfg: Config, name: str | None = None, *, alias: str | None = None, version: str | None = None):
+    """The registered ModelVersion of `name` holding `alias` (default registry.alias), or `version`;
+    LookupError saying what to run when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    from pap_severity.tracking import redact, tracking_uri
+
+    client = _client(cfg)
+    name = name or cfg.registry.model_name
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        return client.get_model_version_by_alias(name, alias or cfg.registry.alias)
+    except MlflowException as exc:
+        wanted = f"version {version}" if version is not None else f"@{alias or cfg.registry.alias}"
+        raise LookupError(f"no {name} {wanted} in the MLflow registry at {redact(tracking_uri(cfg))}: "
+                          f"{exc.message}; run `pap-severity register` first") from None
+
+
+@contextmanager
+def downloaded_version(cfg: Config, name: str, version: str) -> Iterator[tuple[Path, dict]]:
+    """The files of one registered version in a temporary folder, and its MLflow model metadata.
+
+    Resolved by our client: a models:/ URI would be resolved by MLflow with the process-wide
+    registry URI, ignoring registry_uri= (MLflow 3.17)."""
+    import mlflow
+
+    from pap_severity.tracking import tracking_uri
+
+    client = _client(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = client.get_model_version_download_uri(name, str(version))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp,
+                                                         tracking_uri=tracking_uri(cfg)))
+        yield local, dict(mlflow.models.Model.load(str(local)).metadata or {})
+
+
+def load_champion(cfg: Config, name: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The model to use outside the server, e.g. in a notebook: `models:/<name>@<registry.alias>`
+    on the CPU, and its metadata: preprocess (a transforms.Preprocess), pipeline, arch, name,
+    version, run_id, model_uri, score_column, tags. See the module docstring for how to call it."""
+    import mlflow
+
+    name = name or cfg.registry.model_name
+    mv = find_version(cfg, name)  # the exact version found: the alias could move meanwhile
+    with downloaded_version(cfg, name, str(mv.version)) as (local, meta):
+        model = mlflow.pytorch.load_model(str(local))
+    model_uri = f"models:/{name}@{cfg.registry.alias}"
+    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
+    if devices - {"cpu"}:
+        raise RuntimeError(f"{model_uri} holds weights on {sorted(devices)}; log it from a CPU copy "
+                           "(tracking.Tracker.log_model does)")
+    if "preprocess" not in meta or "pipeline" not in meta:
+        raise ValueError(f"{model_uri} has no preprocessing/pipeline metadata; log it with tracking.Tracker.log_model")
+    return model, {**meta, "preprocess": Preprocess.from_json(json.dumps(meta["preprocess"])),
+                   "pipeline": str(meta["pipeline"]), "name": name, "version": str(mv.version),
+                   "run_id": mv.run_id, "model_uri": model_uri, "tags": dict(mv.tags)}
+
+
+# --------------------------------------------------------------------------------------
+# Registering
+# --------------------------------------------------------------------------------------
 
 
 def _artifact_dir(folder: Path) -> str:
@@ -193,15 +402,25 @@ def _artifact_dir(folder: Path) -> str:
         return f"files/{folder.name}" if folder.name else "files"
 
 
-def _reference_inputs(bundle: ModelBundle, example: np.ndarray | None) -> np.ndarray:
-    """Preprocessed inputs [N, 3, S, S] to record outputs for: the given ones, else a white cell
-    and seeded noise (two rows keep the batch dimension dynamic in the export)."""
-    if example is not None:
-        x = np.ascontiguousarray(example, dtype=np.float32)
-        return np.concatenate([x, x])[:2] if x.shape[0] < 2 else x
-    white = white_input(bundle.preprocess)[None]
-    noise = torch.randn(1, *white.shape[1:], generator=torch.Generator().manual_seed(0))
-    return torch.cat([white, noise]).numpy().astype(np.float32)
+def _figures(version) -> dict:
+    try:
+        return json.loads(version.tags.get("promotion_figures", "{}"))
+    except ValueError:
+        return {}
+
+
+def _already(client, cfg: Config, existing, digest: str) -> RegistrationResult:
+    """The result for a model registered before: its version, as it was recorded; nothing added."""
+    name = existing.name
+    champion = _champion(client, name, cfg.registry.alias)
+    held = champion is not None and str(champion.version) == str(existing.version)
+    missing = [m.strip() for m in existing.tags.get("missing_artifacts", "").split(",") if m.strip()]
+    log.info("already registered as %s v%s (content hash %s); nothing added", name, existing.version, digest[:12])
+    # The reason recorded when the version was made, so a re-run reports exactly what the first did.
+    return RegistrationResult(name, str(existing.version), held, existing.tags.get("promotion_reason", ""),
+                              f"models:/{name}/{existing.version}", existing.run_id, digest, created=False,
+                              missing_artifacts=missing, champion_version=str(champion.version) if champion else None,
+                              figures=_figures(existing))
 
 
 def register(
@@ -221,46 +440,42 @@ def register(
     {mean, std, per_fold}); artifacts: files or folders to log on the run (the missing ones
     are reported, not an error); data_source: herlev | synthetic; pipeline: checked
     against the bundle's; input_example: preprocessed cells for the signature and the
-    reference outputs; params: extra params for the run.
+    reference outputs; params: extra params for the run. Safe to run in several processes
+    at once (see the module docstring).
     """
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    from pap_severity.tracking import Tracker, flatten_params
-
     if not isinstance(bundle, ModelBundle):
         bundle, _ = load_bundle(bundle, map_location="cpu")
     if pipeline is not None and pipeline != bundle.pipeline.name:
         raise ValueError(f"the bundle holds a {bundle.pipeline.name!r} model, not {pipeline!r}")
+    check_rule(cfg.registry)
+    digest = content_hash(bundle)
+    with registration_lock(cfg) as lock:
+        log.debug("registering under %s", lock)
+        return _register_locked(cfg, bundle, digest, metrics, artifacts=artifacts, data_source=data_source,
+                                input_example=input_example, params=params)
+
+
+def _register_locked(cfg: Config, bundle: ModelBundle, digest: str, metrics: dict, *, artifacts, data_source: str,
+                     input_example, params) -> RegistrationResult:
+    import mlflow
+    from mlflow.entities import Metric
+
+    from pap_severity.tracking import Tracker, flatten_params, log_params
+
     pipeline = bundle.pipeline.name
     reg = cfg.registry
     name = model_name_for(cfg, pipeline)
-    digest = content_hash(bundle)
     tracker = Tracker(cfg, data_source)  # checks data_source; sets up the store and experiment
     client = _client(cfg)
 
-    existing = _existing(client, name, digest)
-    if existing is not None:
-        champion = _champion(client, name, reg.alias)
-        held = champion is not None and str(champion.version) == str(existing.version)
-        # The reason recorded when the version was made, so a re-run reports exactly what the first did.
-        reason = existing.tags.get("promotion_reason", "")
-        log.info("already registered as %s v%s (content hash %s); nothing added", name, existing.version, digest[:12])
-        missing = [m.strip() for m in existing.tags.get("missing_artifacts", "").split(",") if m.strip()]
-        return RegistrationResult(name, str(existing.version), held, reason, f"models:/{name}/{existing.version}",
-                                  existing.run_id, digest, created=False, missing_artifacts=missing,
-                                  champion_version=str(champion.version) if champion else None)
+    existing = _versions_of(client, name, digest)
+    if existing:
+        return _already(client, cfg, existing[0], digest)
 
     values = scalar_metrics(metrics)
-    new_value = values.get(reg.metric)
-    champion = _champion(client, name, reg.alias)
-    champ_value = _version_metric(client, champion, reg.metric) if champion is not None else None
-    promoted, reason = promotion_decision(reg.metric, new_value, champ_value, reg.margin,
-                                          str(champion.version) if champion is not None else None)
-
     paths = [Path(p) for p in artifacts]
     missing = [str(p) for p in paths if not p.exists()]
-    inputs = _reference_inputs(bundle, input_example)
+    inputs = reference_inputs(bundle.preprocess, input_example)
     model = bundle.model.to("cpu").eval()
     with torch.no_grad():
         outputs = model(torch.from_numpy(inputs)).numpy()
@@ -271,12 +486,9 @@ def register(
         tags["missing_artifacts"] = ", ".join(missing)
     with mlflow.start_run(experiment_id=tracker.experiment_id, run_name=f"register-{pipeline}", tags=tags) as run:
         run_id = run.info.run_id
-        run_params = {**flatten_params(cfg, pipeline), **{f"registry.{k}": str(v) for k, v in
-                                                          reg.model_dump(mode="json").items()},
-                      **{str(k): str(v) for k, v in (params or {}).items()}}
-        items = [Param(k, v[:6000]) for k, v in run_params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i:i + 100])
+        log_params(client, run_id, {**flatten_params(cfg, pipeline),
+                                    **{f"registry.{k}": v for k, v in reg.model_dump(mode="json").items()},
+                                    **(params or {})})
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(f"test_{k}", v, now, 0) for k, v in values.items()])
         for path in paths:
@@ -296,122 +508,74 @@ def register(
         "data_source": data_source,
         "git_commit": tracker.tags["git_commit"],
         "params_hash": tracker.tags["params_hash"],
-        **{f"test_{k}": f"{values[k]:.6g}" for k in HEADLINE_TAGS if k in values},
-        "promotion": "promoted" if promoted else "not promoted",
-        "promotion_reason": reason,
+        **{f"test_{k}": f"{values[k]:.6g}" for k in HEADLINE if k in values},
     }
     if missing:
         version_tags["missing_artifacts"] = ", ".join(missing)
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(
-            name, tags={"pipeline": pipeline},
-            description=f"pap-severity {pipeline} pipeline: Herlev cell severity (5 classes) and score 1..5",
-        )
+        try:
+            client.create_registered_model(
+                name, tags={"pipeline": pipeline},
+                description=f"pap-severity {pipeline} pipeline: Herlev cell severity (5 classes) and score 1..5",
+            )
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process (no lock)
+            client.get_registered_model(name)
     # What mlflow.register_model does for a logged model (models:/m-<id>), through our client.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(name, source=model_uri, run_id=run_id, tags=version_tags,
-                                          model_id=model_id)
-    if promoted:
-        client.set_registered_model_alias(name, reg.alias, version.version)
+    version = str(client.create_model_version(name, source=model_uri, run_id=run_id, tags=version_tags,
+                                              model_id=model_id).version)
+
+    # Under the lock nobody else registered meanwhile; without one, the lowest version of a hash stays.
+    first = _versions_of(client, name, digest)[0]
+    if str(first.version) != version:
+        log.warning("%s: v%s has the same content as v%s, registered meanwhile; removing v%s", name, version,
+                    first.version, version)
+        client.delete_model_version(name, version)
+        client.delete_run(run_id)
+        return _already(client, cfg, first, digest)
+
+    champion = _champion(client, name, reg.alias)
+    champion_version = str(champion.version) if champion is not None else None
+    champ_values = _version_metrics(client, champion, reg.metrics) if champion is not None else None
+    promote, reason, figures = promotion_rule(reg, values, champ_values, champion_version)
+    if promote:
+        client.set_registered_model_alias(name, reg.alias, version)
     holder = _champion(client, name, reg.alias)
-    message = f"{name} v{version.version}: {'promoted to' if promoted else 'not promoted to'} @{reg.alias}: {reason}"
+    held = holder is not None and str(holder.version) == version
+    if promote and not held:  # only without a lock: another registration moved the alias after ours
+        reason = (f"{reason}; but @{reg.alias} was moved to v{holder.version if holder else '?'} by another "
+                  "registration at the same time")
+    for key, value in {"promotion": "promoted" if held else "not promoted", "promotion_reason": reason,
+                       "promotion_figures": json.dumps(json_ready(figures))}.items():
+        client.set_model_version_tag(name, version, key, value)
+    message = f"{name} v{version}: {'promoted to' if held else 'not promoted to'} @{reg.alias}: {reason}"
     log.info(message)
     if missing:
         log.warning("%s: missing artifacts (not logged): %s", name, ", ".join(missing))
-    return RegistrationResult(name, str(version.version), promoted, reason, f"models:/{name}/{version.version}",
-                              run_id, digest, created=True, missing_artifacts=missing,
-                              champion_version=str(holder.version) if holder else None)
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module  # the exported module: x [N, 3, S, S] float32 -> [N, K+1]
-    preprocess: Preprocess
-    pipeline: str
-    name: str
-    version: str
-    run_id: str
-    model_uri: str
-    metadata: dict
-    tags: dict
-
-
-def load_model(cfg: Config, name: str | None = None, *, alias: str | None = None,
-               version: str | None = None) -> LoadedModel:
-    """A registered version (by alias, default `registry.alias`, or by version) on the CPU,
-    with its preprocessing and pipeline from the model's metadata."""
-    import mlflow
-
-    from pap_severity.tracking import tracking_uri
-
-    uri = tracking_uri(cfg)
-    client = _client(cfg)
-    name = name or cfg.registry.model_name
-    if version is not None:
-        mv = client.get_model_version(name, str(version))
-        model_uri = f"models:/{name}/{mv.version}"
-    else:
-        alias = alias or cfg.registry.alias
-        mv = _champion(client, name, alias)
-        if mv is None:
-            raise LookupError(f"no version of {name!r} holds @{alias} in {uri}; run `pap-severity register`")
-        model_uri = f"models:/{name}@{alias}"
-    with tempfile.TemporaryDirectory() as tmp:
-        # The exact version found (the alias could move meanwhile).
-        # MLflow 3.17 ignores registry_uri= for a models:/ URI: resolve the version's folder first.
-        source = client.get_model_version_download_uri(name, str(mv.version))
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
-        model = mlflow.pytorch.load_model(local)
-        info = mlflow.models.Model.load(local)
-    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
-    if devices - {"cpu"}:
-        raise RuntimeError(f"{model_uri} holds weights on {sorted(devices)}; log it from a CPU copy "
-                           "(tracking.Tracker.log_model does)")
-    meta = dict(info.metadata or {})
-    if "preprocess" not in meta or "pipeline" not in meta:
-        raise ValueError(f"{model_uri} has no preprocessing/pipeline metadata; log it with tracking.Tracker.log_model")
-    return LoadedModel(model=model, preprocess=Preprocess.from_json(json.dumps(meta["preprocess"])),
-                       pipeline=str(meta["pipeline"]), name=name, version=str(mv.version), run_id=mv.run_id,
-                       model_uri=model_uri, metadata=meta, tags=dict(mv.tags))
-
-
-def load_champion(cfg: Config, name: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """`models:/<registry.model_name>@<registry.alias>` on the CPU, and its metadata: preprocess
-    (a transforms.Preprocess), pipeline, arch, name, version, run_id, model_uri, score_column, tags."""
-    loaded = load_model(cfg, name)
-    meta = {**loaded.metadata, "preprocess": loaded.preprocess, "pipeline": loaded.pipeline,
-            "name": loaded.name, "version": loaded.version, "run_id": loaded.run_id,
-            "model_uri": loaded.model_uri, "tags": loaded.tags}
-    return loaded.model, meta
-
-
-def reference_io(cfg: Config, run_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """The inputs and outputs recorded when the version of `run_id` was registered."""
-    import mlflow
-
-    from pap_severity.tracking import tracking_uri
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT,
-                                                   dst_path=tmp, tracking_uri=tracking_uri(cfg))
-        with np.load(path, allow_pickle=False) as data:
-            return data["inputs"].copy(), data["outputs"].copy()
+    return RegistrationResult(name, version, held, reason, f"models:/{name}/{version}", run_id, digest,
+                              created=True, missing_artifacts=missing,
+                              champion_version=str(holder.version) if holder else None,
+                              moved_alias=promote and held, figures=figures)
 
 
 __all__ = [
     "EXPLAIN_FILES",
-    "LoadedModel",
     "REFERENCE_ARTIFACT",
     "RegistrationResult",
+    "check_rule",
     "content_hash",
+    "downloaded_version",
     "explain_artifacts",
+    "find_version",
     "load_champion",
-    "load_model",
+    "margin_of",
     "model_name_for",
     "promotion_decision",
-    "reference_io",
+    "promotion_rule",
+    "reference_inputs",
     "register",
+    "registration_lock",
     "scalar_metrics",
 ]

@@ -1,26 +1,20 @@
-"""What the BentoML service (bento/service.py) shares with the package: the model import, the
-request guard, image decoding under limits, and the response models.
+"""What the BentoML service (bento/service.py) runs at request time: settings, the request and
+readiness guards, image decoding under limits, the response models, and the served model.
+(What runs when the bento is built, the import of the champion and `bentoml build`, is in
+pap_severity.bento_build.)
 
 The model the server runs
 -------------------------
-`import_champion(cfg)` (CLI: `pap-severity bento import`) copies the registered version that
-holds `registry.alias` (`models:/pap-severity@champion`) from the MLflow registry into the
-local BentoML model store with `bentoml.mlflow.import_model`, as the BentoML model
-`pap-severity:v<version>-<content hash>`, with the registered name, version, run id, pipeline,
-architecture and preprocessing in its labels and metadata. The service declares
-`bentoml.models.BentoModel("pap-severity:latest")`, so `bentoml build` records that exact tag in
-the bento and `bentoml containerize` / `export` / `push` copy the model from the store into the
-image or archive: a built bento serves without any MLflow store, offline. Re-importing a
-version makes it `latest` again (so `latest` is always the last champion imported).
-`PAP_SEVERITY_BENTO_MODEL=<tag>` pins another one.
-
-`load_served_model` opens it: the MLflow pt2 archive (torch.export) gives the weights; they go
-into the package's own `SeverityNet` (models.build_model), an ordinary nn.Module, because
+`load_served_model` opens the BentoML model `bento_build.import_champion` made: the MLflow pt2
+archive (torch.export) gives the weights; they go into an ordinary eager nn.Module
+(`eager_module`: the package's SeverityNet of the model's arch and pipeline), because
 Integrated Gradients needs `.eval()` and gradients, which an exported module refuses, and a
-pt2 module cannot move to a GPU. Before serving, the two must give the same outputs on a
-white cell and seeded noise (max |difference| <= OUTPUT_TOLERANCE), else the server refuses to
-start. Preprocessing is `transforms.eval_transform(Preprocess)` from the model's metadata:
-the code training used, not a copy.
+pt2 module cannot move to a GPU. Before serving, the two must give the same outputs on
+`registry.reference_inputs` (a white cell and seeded noise; max |difference| <=
+OUTPUT_TOLERANCE), else the server refuses to start. Any nn.Module that returns one tensor
+[outputs..., score] can be served the same way: `eager_module` is the one place that knows
+which module to rebuild. Preprocessing is `transforms.eval_transform(Preprocess)` from the
+model's metadata: the code training used, not a copy.
 
 Requests (hardening)
 --------------------
@@ -32,9 +26,27 @@ malformed multipart body (400), a missing, repeated, unknown, text (not file) or
 (400). BentoML would otherwise fetch a text field that holds a URL: the guard refuses it.
 `decode_image` then refuses a file over `serve.max_upload_bytes` (413), an image of more than
 `serve.max_pixels` pixels, read from its header before any pixel is decoded (413,
-decompression bombs; Pillow's own MAX_IMAGE_PIXELS is set to the same limit), and anything
-Pillow cannot decode fully: not an image, truncated, corrupt (400). Grayscale, RGBA,
-palette and 16-bit images are converted (transforms.to_rgb), not refused.
+decompression bombs; Pillow's own MAX_IMAGE_PIXELS is set to the same limit), a PNG whose
+compressed text metadata passes Pillow's limit (400, saying so), and anything Pillow cannot
+decode fully: not an image, truncated, corrupt (400). Grayscale, RGBA, palette and 16-bit
+images are converted (transforms.to_rgb), not refused.
+
+`decode_cell` applies what makes an image a cell the model can judge: both sides within
+`data.min_size`..`data.max_size` (the sizes the data is validated against; 400 below, 413
+above) and the longer side at most `serve.max_aspect` times the shorter (400); and the EXIF
+orientation (transforms.upright), so a photo taken sideways is judged and explained as a
+viewer shows it; the answer says `rotated: true` then. `decode_mask_upload` refuses a mask with
+more than `serve.max_mask_off_palette` of its pixels in none of the Herlev mask colours (400):
+At_N / At_C from a lossy (JPEG) or foreign mask would be wrong numbers that look right, and
+the mask is optional, so the client can send the lossless `-d.bmp`, or none.
+
+Readiness
+---------
+`ReadinessGuard` answers GET /readyz within `serve.probe_timeout_ms`: BentoML's own check (it
+asks the model service's /readyz) when it answers in time, else 503 JSON at the deadline, and
+503 at once when that check fails (a model worker killed or restarting). BentoML 1.4 lets an
+error of that check escape past its request timeout, which left the probe pending for
+`traffic.timeout` (300 s) and blocked the server's shutdown; here no probe outlives its deadline.
 
 Settings
 --------
@@ -50,30 +62,34 @@ latency you would rather refuse than exceed (seconds on a CPU), not to a few mil
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
-import json
+import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from pap_severity.config import Config, ServeConfig, load_config
 from pap_severity.data.labels import SEVERITY_NAMES
-from pap_severity.data.masks import decode_mask
+from pap_severity.data.masks import BORDER_RGB, EDGE_RGB, UNKNOWN, decode_mask
+from pap_severity.transforms import upright
+
+log = logging.getLogger(__name__)
 
 PARAMS_ENV = "PAP_SEVERITY_PARAMS"
 BATCHING_ENV = "PAP_SEVERITY_BATCHING"
 BENTO_MODEL_ENV = "PAP_SEVERITY_BENTO_MODEL"
 MLFLOW_FOLDER = "mlflow_model"  # where bentoml.mlflow.import_model puts the MLflow model
+READYZ = "/readyz"
 OUTPUT_TOLERANCE = 1e-4
 # Multipart framing allowed on top of the files themselves.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -153,12 +169,20 @@ def error_response(exc: RequestError):
 
 @dataclass(frozen=True)
 class UploadLimits:
+    """What an upload may be. The defaults past the first two check nothing (tests, benchmarks)."""
+
     max_upload_bytes: int
     max_pixels: int
+    min_side: int = 1  # data.min_size
+    max_side: int | None = None  # data.max_size
+    max_aspect: float | None = None  # serve.max_aspect
+    max_mask_off_palette: float = 1.0  # serve.max_mask_off_palette
 
     @classmethod
-    def from_config(cls, serve: ServeConfig) -> UploadLimits:
-        return cls(serve.max_upload_bytes, serve.max_pixels)
+    def from_config(cls, cfg: Config) -> UploadLimits:
+        serve = cfg.serve
+        return cls(serve.max_upload_bytes, serve.max_pixels, min_side=cfg.data.min_size, max_side=cfg.data.max_size,
+                   max_aspect=serve.max_aspect, max_mask_off_palette=serve.max_mask_off_palette)
 
 
 def set_pillow_limit(limits: UploadLimits) -> None:
@@ -216,18 +240,66 @@ def decode_image(source: bytes | str | Path, limits: UploadLimits, field: str = 
         if "truncated" in str(exc).lower():
             raise RequestError(400, f"{field}: the image is truncated ({exc})", field) from None
         raise RequestError(400, f"{field}: the image cannot be decoded ({exc})", field) from None
+    except ValueError as exc:
+        if "MAX_TEXT" in str(exc):  # PngImagePlugin.MAX_TEXT_CHUNK / MAX_TEXT_MEMORY: metadata, not pixels
+            raise RequestError(400, f"{field}: the PNG carries text metadata (a compressed zTXt/iTXt chunk) that "
+                                    f"decompresses past Pillow's safety limit of {PngImagePlugin.MAX_TEXT_CHUNK} "
+                                    f"bytes a chunk ({PngImagePlugin.MAX_TEXT_MEMORY} in all); the pixels may be "
+                                    "fine: save the image again without its text metadata (e.g. `mogrify -strip`) "
+                                    "and send that", field) from None
+        raise RequestError(400, f"{field}: the image is corrupt (ValueError: {exc})", field) from None
     except Exception as exc:  # Pillow raises many types on corrupt data (SyntaxError, ValueError, ...)
         raise RequestError(400, f"{field}: the image is corrupt ({type(exc).__name__}: {exc})", field) from None
 
 
+def check_cell_size(size: tuple[int, int], limits: UploadLimits, field: str = "image") -> None:
+    """A RequestError unless a cell of `size` (W, H) fits the side and aspect limits."""
+    w, h = size
+    short, long = min(w, h), max(w, h)
+    if short < limits.min_side:
+        raise RequestError(400, f"{field}: the image is {w}x{h} pixels; a cell image must be at least "
+                                f"data.min_size = {limits.min_side} pixels a side", field)
+    if limits.max_side is not None and long > limits.max_side:
+        raise RequestError(413, f"{field}: the image is {w}x{h} pixels; a cell image must be at most "
+                                f"data.max_size = {limits.max_side} pixels a side: crop it around the cell", field)
+    if limits.max_aspect is not None and long > limits.max_aspect * short:
+        raise RequestError(400, f"{field}: the image is {w}x{h} pixels, {long / short:.1f} times longer than wide; "
+                                f"at most serve.max_aspect = {limits.max_aspect:g}: send one cell, cropped around it",
+                           field)
+
+
+def decode_cell(source: bytes | str | Path, limits: UploadLimits, field: str = "image") -> tuple[Image.Image, bool]:
+    """A cell image from an upload (decode_image, then the size and aspect limits), turned upright by
+    its EXIF orientation; and whether that turned it."""
+    im = decode_image(source, limits, field)
+    check_cell_size(im.size, limits, field)
+    return upright(im)
+
+
+def off_palette_share(rgb: np.ndarray, codes: np.ndarray) -> float:
+    """Share of a mask's pixels in none of the Herlev mask colours: the mask decoder (data.masks)
+    could not place them (its `codes`: UNKNOWN) and they are not the border grey or edge black."""
+    rgb = np.asarray(rgb)
+    known = (rgb == BORDER_RGB).all(axis=-1) | (rgb == EDGE_RGB).all(axis=-1)
+    return float(((codes == UNKNOWN) & ~known).mean())
+
+
 def decode_mask_upload(source: bytes | str | Path, limits: UploadLimits, size: tuple[int, int],
                        field: str = "mask") -> np.ndarray:
-    """Region codes (data.masks) of an uploaded Herlev `-d.bmp` mask of the image's size (W, H)."""
-    im = decode_image(source, limits, field)
+    """Region codes (data.masks) of an uploaded Herlev `-d.bmp` mask of the (upright) image's size (W, H)."""
+    im, _ = upright(decode_image(source, limits, field))
     if im.size != size:
         raise RequestError(400, f"{field}: the mask is {im.size[0]}x{im.size[1]} but the image is "
                                 f"{size[0]}x{size[1]}; send the image's own -d.bmp mask", field)
-    return decode_mask(np.asarray(im.convert("RGB")))
+    rgb = np.asarray(im.convert("RGB"))
+    codes = decode_mask(rgb)
+    share = off_palette_share(rgb, codes)
+    if share > limits.max_mask_off_palette:
+        raise RequestError(400, f"{field}: {share:.1%} of the mask's pixels are none of the Herlev mask colours "
+                                "(nucleus blue, cytoplasm navy, background red, border grey, edge black), more than "
+                                f"serve.max_mask_off_palette = {limits.max_mask_off_palette:.0%}; send the cell's "
+                                "own -d.bmp as it is (lossless: BMP or PNG, never JPEG), or no mask", field)
+    return codes
 
 
 # --------------------------------------------------------------------------------------
@@ -381,6 +453,42 @@ class UploadGuard:
             await form.close()
 
 
+class ReadinessGuard:
+    """GET /readyz answered within `timeout_s`, whatever happens behind it (see the module docstring):
+    the app's own answer when it comes in time, else a 503 JSON ErrorResponse."""
+
+    def __init__(self, app, *, timeout_s: float, path: str = READYZ) -> None:
+        self.app = app
+        self.timeout_s = float(timeout_s)
+        self.path = path
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.path:
+            await self.app(scope, receive, send)
+            return
+        messages: list[dict] = []
+
+        async def keep(message) -> None:
+            messages.append(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, keep), self.timeout_s)
+        except TimeoutError:
+            problem = (f"no answer within serve.probe_timeout_ms = {self.timeout_s * 1000:.0f} ms "
+                       "(starting, restarting or overloaded)")
+        except Exception as exc:  # the readiness check itself failed: the model service is gone
+            problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            if any(m.get("type") == "http.response.start" for m in messages):
+                for message in messages:
+                    await send(message)
+                return
+            problem = "the readiness check sent no answer"
+        log.warning("/readyz: not ready: %s", problem)
+        await error_response(RequestError(503, f"not ready: the model service is unavailable: {problem}"))(
+            scope, receive, send)
+
+
 # --------------------------------------------------------------------------------------
 # Response models
 # --------------------------------------------------------------------------------------
@@ -414,6 +522,9 @@ class PredictResponse(BaseModel):
     abnormal_probability: float = Field(ge=0.0, le=1.0,
                                         description="1 - p(normal): probability that the cell is abnormal "
                                                     "(any dysplasia or carcinoma in situ).")
+    rotated: bool = Field(False, description="True when the upload carried an EXIF orientation (2 to 8) and was "
+                                             "turned upright, as an image viewer shows it, before it was judged; "
+                                             "every number here is of the upright image.")
     model: ModelRef = Field(description="The registered model (name and version) that made the prediction.")
 
 
@@ -455,8 +566,15 @@ class ExplainResponse(BaseModel):
     convergence_delta: float = Field(description="sum(attributions) - (F(x) - F(baseline)).")
     relative_delta: float = Field(description="|delta| / max(|F(x) - F(baseline)|, 1e-3); large: raise n_steps.")
     image_size: int = Field(description="Side in pixels of the model's input, where the map lives.")
+    convergence_warning: str | None = Field(
+        None, description="Present when relative_delta exceeds explain.delta_threshold: the attributions do not add "
+                          "up to the output change, so the heat map and At_N / At_C are approximate (raise "
+                          "explain.n_steps). Null when IG converged.")
     fractions: AttributionFractions | None = Field(
         None, description="At_N / At_C and their area-normalised versions; present only when a mask is sent.")
+    rotated: bool = Field(False, description="True when the upload carried an EXIF orientation (2 to 8) and was "
+                                             "turned upright before it was explained; the heat map is of the "
+                                             "upright image.")
     model: ModelRef = Field(description="The registered model (name and version) that was explained.")
 
 
@@ -477,8 +595,9 @@ def prediction_fields(probs: np.ndarray, label: int, score: float) -> dict:
     }
 
 
-def predict_responses(pipeline_name: str, outputs, model: ModelRef) -> list[PredictResponse]:
-    """One PredictResponse per row of the model's outputs [N, K+1] (decoded by the pipeline)."""
+def predict_responses(pipeline_name: str, outputs, model: ModelRef, rotated: bool = False) -> list[PredictResponse]:
+    """One PredictResponse per row of the model's outputs [N, K+1] (decoded by the pipeline);
+    `rotated`: the images were turned upright by their EXIF orientation."""
     import torch
 
     from pap_severity.pipelines import get_pipeline
@@ -487,7 +606,7 @@ def predict_responses(pipeline_name: str, outputs, model: ModelRef) -> list[Pred
     # arrays that come back pickled from the model service are read-only
     return [
         PredictResponse(**prediction_fields(pred.probs[i].numpy(), int(pred.label[i]), float(pred.score[i])),
-                        model=model)
+                        rotated=rotated, model=model)
         for i in range(len(pred.label))
     ]
 
@@ -501,146 +620,13 @@ def png_base64(png: bytes) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# The model: import into the BentoML store, load for serving
+# The model, loaded for serving
 # --------------------------------------------------------------------------------------
-
-
-def _redact(uri: str) -> str:
-    """A store URI without credentials (user:password@)."""
-    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 def bento_model_tag() -> str:
     """The BentoML model the service serves: PAP_SEVERITY_BENTO_MODEL, else pap-severity:latest."""
     return os.environ.get(BENTO_MODEL_ENV) or f"{Config().registry.model_name}:latest"
-
-
-def import_champion(cfg: Config, name: str | None = None, *, alias: str | None = None,
-                    version: str | None = None):
-    """Copy `models:/<name>@<alias>` (or a version) from the MLflow registry into the BentoML
-    model store (BENTOML_HOME) with bentoml.mlflow.import_model; returns the bentoml.Tag.
-
-    The tag is `<name>:v<version>-<content hash[:12]>`. A tag already in the store is replaced,
-    so that it becomes `<name>:latest`, the model the service serves by default.
-    """
-    import bentoml
-    import mlflow
-    from bentoml.exceptions import NotFound
-    from mlflow.exceptions import MlflowException
-
-    from pap_severity.tracking import tracking_uri
-
-    uri = tracking_uri(cfg)
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    name = name or cfg.registry.model_name
-    try:
-        if version is not None:
-            mv = client.get_model_version(name, str(version))
-            how = f"version {mv.version}"
-        else:
-            alias = alias or cfg.registry.alias
-            mv = client.get_model_version_by_alias(name, alias)
-            how = f"@{alias} (version {mv.version})"
-    except MlflowException as exc:
-        wanted = f"version {version}" if version is not None else f"@{alias}"
-        raise LookupError(f"no {name} {wanted} in the MLflow registry at {_redact(uri)}: {exc.message}; "
-                          "run `pap-severity register` first") from None
-    digest = mv.tags.get("content_hash", "")
-    tag = bentoml.Tag(name, f"v{mv.version}-{digest[:12]}" if digest else f"v{mv.version}")
-    try:
-        bentoml.models.get(tag)
-    except NotFound:
-        pass
-    else:
-        bentoml.models.delete(tag)
-    with tempfile.TemporaryDirectory() as tmp:
-        # The version's artifact location, resolved by our client: a models:/ URI would be resolved
-        # by MLflow with the process-wide registry URI, ignoring registry_uri= (MLflow 3.17).
-        source = client.get_model_version_download_uri(name, str(mv.version))
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=uri)
-        info = mlflow.models.Model.load(local)
-        meta = dict(info.metadata or {})
-        if "preprocess" not in meta or "pipeline" not in meta or "arch" not in meta:
-            raise ValueError(f"models:/{name}/{mv.version} has no pipeline/arch/preprocess metadata; "
-                             "register it with pap_severity.registry.register")
-        labels = {
-            "registered_model": name,
-            "registered_version": str(mv.version),
-            "pipeline": str(meta["pipeline"]),
-            "arch": str(meta["arch"]),
-            "data_source": str(mv.tags.get("data_source", "unknown")),
-            "content_hash": digest[:12] or "unknown",
-        }
-        metadata = {
-            "registered_model": name,
-            "registered_version": str(mv.version),
-            "model_uri": f"models:/{name}/{mv.version}",
-            "imported_as": how,
-            "run_id": mv.run_id or "",
-            "tracking_uri": _redact(uri),
-            "pipeline": str(meta["pipeline"]),
-            "arch": str(meta["arch"]),
-            "preprocess": json.dumps(meta["preprocess"]),
-            "score_column": int(meta.get("score_column", -1)),
-            "content_hash": digest,
-            "data_source": str(mv.tags.get("data_source", "unknown")),
-        }
-        saved = bentoml.mlflow.import_model(tag, local, labels=labels, metadata=metadata)
-    return saved.tag
-
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def build_wheel(dest: str | Path | None = None, project: str | Path | None = None) -> Path:
-    """Build the package's wheel offline (pip wheel --no-deps --no-build-isolation --no-index)
-    into `dest` (default <project>/bento/wheels), replacing older ones; the bento ships it."""
-    import shutil
-    import subprocess
-    import sys
-
-    project = Path(project) if project else PROJECT_ROOT
-    if not (project / "pyproject.toml").is_file():
-        raise FileNotFoundError(f"{project}: no pyproject.toml; pass the project root")
-    dest = Path(dest) if dest else project / "bento" / "wheels"
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        # Built from a clean copy: no stale build/ or egg-info of the working tree gets in, none is left there.
-        source = Path(tmp) / "project"
-        source.mkdir()
-        for name in ("pyproject.toml", "README.md", "LICENSE"):
-            if (project / name).is_file():
-                shutil.copy2(project / name, source / name)
-        shutil.copytree(project / "src", source / "src",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
-        wheels = Path(tmp) / "wheels"
-        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                               "--no-index", "--quiet", "--wheel-dir", str(wheels), str(source)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"pip wheel failed:\n{done.stdout}\n{done.stderr}")
-        built = sorted(wheels.glob("pap_severity-*.whl"))
-        if len(built) != 1:
-            raise RuntimeError(f"expected one pap_severity wheel, pip wheel made {[p.name for p in built]}")
-        for old in dest.glob("pap_severity-*.whl"):
-            old.unlink()
-        return Path(shutil.copy2(built[0], dest / built[0].name))
-
-
-def build_bento(project: str | Path | None = None):
-    """`bentoml build` of <project>/bento/bentofile.yaml (after building the wheel); returns the bento tag.
-    Needs the model in the BentoML store (import_champion) and no network."""
-    import contextlib
-
-    import bentoml
-
-    project = Path(project) if project else PROJECT_ROOT
-    build_wheel(project=project)
-    ctx = (project / "bento").resolve()
-    # bentoml resolves python.wheels against the working directory, not build_ctx.
-    with contextlib.chdir(ctx):
-        bento = bentoml.bentos.build_bentofile(str(ctx / "bentofile.yaml"), build_ctx=str(ctx))
-    return bento.tag
 
 
 @dataclass
@@ -662,14 +648,14 @@ class ModelInfo:
 
 
 def model_info(bento_model) -> ModelInfo:
-    """ModelInfo of a bentoml.Model imported by import_champion."""
+    """ModelInfo of a bentoml.Model imported by bento_build.import_champion."""
     from pap_severity.transforms import Preprocess
 
     meta = dict(bento_model.info.metadata)
     missing = {"registered_model", "registered_version", "pipeline", "arch", "preprocess"} - set(meta)
     if missing:
         raise ValueError(f"BentoML model {bento_model.tag} lacks {sorted(missing)} in its metadata; "
-                         "import it with `pap-severity bento import` (serving.import_champion)")
+                         "import it with `pap-severity bento import` (bento_build.import_champion)")
     return ModelInfo(
         name=str(meta["registered_model"]),
         version=str(meta["registered_version"]),
@@ -699,18 +685,8 @@ class ServedModel:
                                      .to(self.device)).float().cpu().numpy()
 
 
-def _reference_inputs(pre) -> "Any":
-    import torch
-
-    from pap_severity.transforms import white_input
-
-    white = white_input(pre)[None]
-    noise = torch.randn(2, *white.shape[1:], generator=torch.Generator().manual_seed(0))
-    return torch.cat([white, noise])
-
-
 def load_served_model(bento_model, device: str = "auto") -> ServedModel:
-    """The imported model as an eager SeverityNet on `device` (auto: CUDA when present), checked
+    """The imported model as an eager nn.Module on `device` (auto: CUDA when present), checked
     against the exported MLflow model it came from."""
     import mlflow
 
@@ -724,18 +700,27 @@ def load_served_model(bento_model, device: str = "auto") -> ServedModel:
     return served_from_module(exported, info, device)
 
 
+def eager_module(info: ModelInfo):
+    """A fresh eager nn.Module of the model's kind, to receive the exported weights: today the
+    package's SeverityNet of info's arch and pipeline head. Serving another nn.Module (one tensor
+    [outputs..., score] out) means rebuilding it here from its metadata; the rest is generic."""
+    from pap_severity.models import build_model
+    from pap_severity.pipelines import get_pipeline
+
+    return build_model(info.arch, "none", get_pipeline(info.pipeline).head)
+
+
 def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedModel:
-    """A SeverityNet of info's arch and pipeline with the weights of `source` (the exported module,
-    or any module with the same state dict), checked to give source's outputs, on `device`."""
+    """`eager_module(info)` with the weights of `source` (the exported module, or any module with the
+    same state dict), checked to give source's outputs on registry.reference_inputs, on `device`."""
     import torch
 
     from pap_severity.checkpoints import ModelBundle
-    from pap_severity.models import build_model
-    from pap_severity.pipelines import get_pipeline
     from pap_severity.devices import resolve_device
+    from pap_severity.pipelines import get_pipeline
+    from pap_severity.registry import reference_inputs
 
-    pipeline = get_pipeline(info.pipeline)
-    model = build_model(info.arch, "none", pipeline.head)
+    model = eager_module(info)
     state = {k: v.detach().to("cpu") for k, v in source.state_dict().items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
@@ -743,7 +728,7 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
         raise ValueError(f"{info.bento_model}: weights do not fit {info.arch}/{info.pipeline}: "
                          f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     model.eval()
-    x = _reference_inputs(info.preprocess)
+    x = torch.from_numpy(reference_inputs(info.preprocess))
     with torch.no_grad():
         want = source(x).float()
         got = model(x).float()
@@ -759,8 +744,8 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     model.to(dev)
-    bundle = ModelBundle(model=model, pipeline=pipeline, arch=info.arch, preprocess=info.preprocess,
-                         meta={"bento_model": info.bento_model})
+    bundle = ModelBundle(model=model, pipeline=get_pipeline(info.pipeline), arch=info.arch,
+                         preprocess=info.preprocess, meta={"bento_model": info.bento_model})
     return ServedModel(bundle=bundle, info=info, device=dev)
 
 
@@ -771,24 +756,26 @@ __all__ = [
     "ModelInfo",
     "ModelRef",
     "PredictResponse",
-    "RequestError",
     "ROUTES",
+    "ReadinessGuard",
+    "RequestError",
     "RouteSpec",
     "ServedModel",
     "UploadGuard",
     "UploadLimits",
     "batching_enabled",
     "bento_model_tag",
-    "build_bento",
-    "build_wheel",
+    "check_cell_size",
+    "decode_cell",
     "decode_image",
     "decode_mask_upload",
+    "eager_module",
     "error_body",
     "error_response",
     "fractions_model",
-    "import_champion",
     "load_served_model",
     "model_info",
+    "off_palette_share",
     "predict_responses",
     "prediction_fields",
     "serve_settings",

@@ -265,8 +265,9 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
         results.append(register_model(cfg, final / f"{pipeline}.pt", json.loads(metrics_file.read_text()),
                                       artifacts=report + extra, data_source=source, pipeline=pipeline,
                                       params=settings(cfg)))
-    # `created` is left out: the record only changes when the registry does, so the bento is not rebuilt for nothing.
-    record = [{k: v for k, v in vars(r).items() if k != "created"} for r in results]
+    # What this call did (`created`, `moved_alias`) is left out: the record only changes when the registry
+    # does, so the bento is not rebuilt for nothing.
+    record = [{k: v for k, v in vars(r).items() if k not in ("created", "moved_alias")} for r in results]
     write_json(record, out)
     return results
 
