@@ -18,7 +18,6 @@ import typer
 
 from pap_severity import __version__
 from pap_severity.config import Config, ConfigError, load_config
-from pap_severity.progress import ENV as PROGRESS_ENV
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Herlev data: fetch, synth, manifest, validate, split.", no_args_is_help=True)
@@ -42,7 +41,9 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     logging.getLogger("pap_severity").setLevel(
         logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     if quiet:
-        os.environ[PROGRESS_ENV] = "1"  # read by every bar of the package (pap_severity.progress)
+        from pap_severity.progress import ENV
+
+        os.environ[ENV] = "1"  # read by every bar of the package (pap_severity.progress)
 
 
 def _print_version(value: bool) -> None:
@@ -423,6 +424,17 @@ def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: P
         ece = row["ece_calibrated"]["mean"] if isinstance(row["ece_calibrated"], dict) else row["ece_calibrated"]
         served = " (served)" if name == m["served"] else ""
         typer.echo(f"{pipeline} {name:<13} test accuracy {_fmt(accuracy)}, ECE after temperature {_fmt(ece)}{served}")
+
+
+@app.command("headline")
+@clean_errors
+def headline(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """metrics/headline.json: a few numbers of each pipeline's served model, the metric `dvc exp show` compares."""
+    from pap_severity import stages
+
+    for name, values in stages.headline(_config(params)).items():
+        typer.echo(f"{name:<15} " + ", ".join(f"{key} {_fmt(value)}" for key, value in values.items()))
+    typer.echo(f"-> {stages.HEADLINE}")
 
 
 @app.command("explain")
