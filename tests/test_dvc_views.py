@@ -268,8 +268,8 @@ def test_a_fresh_clone_has_no_dvc_file_that_reads_as_changed(tmp_path):
 # Queued experiments ----------------------------------------------------------------------------
 
 TINY = {
-    "synth": {"per_class": 4, "size": 32},
-    "split": {"folds": 2, "calibration_fraction": 0.1},
+    "synth": {"per_class": 6, "size": 32},
+    "split": {"folds": 2},
     "model": {"image_size": 32},
     "train": {"epochs": 1, "batch_size": 16, "threads": 1},
     "tune": {"n_trials": 1, "epochs": 1},

@@ -132,13 +132,13 @@ def library_error(exc: BaseException) -> str | None:
                     if cls.__module__.split(".")[0] in LIBRARY_HINTS), None)
     if package is None:
         return None
-    from pap_severity.tracking import redact
-
     text = str(exc).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     message = lines[0] if lines else type(exc).__name__
     where = ""
     if package == "mlflow":
+        from pap_severity.tracking import redact
+
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if uri is None and "mlflow" in sys.modules:
             uri = sys.modules["mlflow"].get_tracking_uri()
