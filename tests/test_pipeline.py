@@ -101,6 +101,17 @@ def test_repro_writes_every_out_and_metric(project):
 
 
 @pytest.mark.slow
+def test_dvc_shows_the_headline_and_the_plots_of_every_pipeline(project):
+    shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)[""]["data"]
+    assert list(shown) == ["metrics/headline.json"]  # the one DVC metric
+    assert set(shown["metrics/headline.json"]["data"]) == set(PIPELINES)
+    plots = json.loads(dvc(project, "plots", "show", "--json").stdout)["data"]
+    for name in ("confusion_test", "confusion_val", "scores_test", "auc_per_fold", "reliability", "risk_coverage"):
+        points = plots[name][0]["content"]["data"]["values"]
+        assert {point["pipeline"] for point in points} == set(PIPELINES), name
+
+
+@pytest.mark.slow
 def test_a_second_repro_changes_nothing(project):
     assert dvc(project, "status").stdout.strip() == "Data and pipelines are up to date."
     done = dvc(project, "repro")
