@@ -37,8 +37,9 @@ def test_compare_writes_every_pipeline_and_the_data_source(tmp_path):
     assert result["paper"]["combined"]["mean_auc"] == 0.94
     assert_png(fig)
     auc = pd.read_csv(fig.with_suffix(".csv"))
-    assert list(auc.columns) == ["severity", "class", "fold", "classification", "combined"]
-    assert len(auc) == 5 * 2
+    assert list(auc.columns) == ["pipeline", "class", "fold", "auc"]
+    assert len(auc) == 2 * 5 * 2  # pipelines x classes x folds
+    assert set(auc["class"]) == {"1 normal", "2 light", "3 moderate", "4 severe", "5 carcinoma_in_situ"}
 
     from_list = comparison.compare(list(files.values()), md, js, fig)
     assert set(from_list["test"]) == {"classification", "combined"}

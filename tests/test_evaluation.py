@@ -276,9 +276,10 @@ def test_evaluate_writes_metrics_figures_and_plot_data(tmp_path):
         assert out["figures"][name].parent == tmp_path / "figures" / "combined"
         assert_png(out["figures"][name])
     confusion = pd.read_csv(out["plots"]["confusion_test"])
-    assert list(confusion.columns) == ["fold", "path", "actual", "predicted"]
-    assert len(confusion) == 4 * 15
-    assert set(confusion["actual"]) == {"0 normal", "1 light", "2 moderate", "3 severe", "4 carcinoma_in_situ"}
+    assert list(confusion.columns) == ["pipeline", "fold", "path", "actual", "predicted"]
+    assert len(confusion) == 4 * 15 and set(confusion["pipeline"]) == {"combined"}
+    # classes by their severity score 1..5, as the report and the paper count them
+    assert set(confusion["actual"]) == {"1 normal", "2 light", "3 moderate", "4 severe", "5 carcinoma_in_situ"}
     scores = pd.read_csv(out["plots"]["scores_val"])
     assert {"true_score", "score", "actual"} <= set(scores.columns)
     assert len(scores) == 25

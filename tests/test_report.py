@@ -24,7 +24,7 @@ SETTINGS = {"arch": "resnet18", "image_size": 48, "folds": 3, "epochs": 4, "opti
 
 def test_an_empty_run_says_which_stage_makes_each_part(tmp_path):
     page = write_index(tmp_path / "reports", tmp_path / "metrics").read_text()
-    for stage in ("validate", "compare", "explain", "register"):
+    for stage in ("validate", "compare", "ensemble", "explain", "register"):
         assert f"<code>{stage}</code>" in page
     assert "No final models yet" in page
 
@@ -69,7 +69,41 @@ def minimal_run(root: Path) -> None:
         "test": {"classification": {"accuracy": metric}, "combined": {"accuracy": {"mean": 0.6, "std": 0.05}}},
         "validation": {"classification": {"accuracy": metric}, "combined": {"accuracy": metric}},
         "paper": {"combined": {"accuracy": 0.745}},
+        "reference": "classification", "part": "validation folds",
+        "interval": "Student's t, 95%, with the Nadeau-Bengio correction for 3-fold cross-validation",
+        "significance_test": "two-sided Wilcoxon signed-rank (SciPy); null under 5 pairs",
+        "paired": {"combined": {
+            "accuracy": {"mean_diff": 0.0412, "ci95": [-0.0213, 0.1037], "p_value": 0.0312, "n": 12},
+            "mse": {"mean_diff": -0.25, "ci95": [-0.5, 0.0], "p_value": None, "n": 3,
+                    "reason": "3 pairs: fewer than 5, no test can reach p < 0.05"},
+            "auc_normal": {"mean_diff": 0.01, "ci95": None, "p_value": None, "n": 1}}},
+        "paired_test": {"combined": {"accuracy": {"mean_diff": 0.0588, "ci95": [0.0, 0.1176], "p_value": 0.062,
+                                                  "n": 34}}},
+        "notes": ["combined: 3 pairs: fewer than 5, no test can reach p < 0.05"],
     })
+    put(root / "reports/figures/paired/combined_vs_classification.png", b"png")
+    put(root / "metrics/ensemble/combined.json", {
+        "pipeline": "combined", "served": "ensemble_tta", "n_test_cells": 34, "n_calibration_cells": 17,
+        "rows": {
+            "single": {"accuracy": {"mean": 0.55, "std": 0.04, "per_fold": [0.51, 0.59]},
+                       "ece": {"mean": 0.12, "std": 0.01}, "ece_calibrated": {"mean": 0.06, "std": 0.02},
+                       "aurc": {"mean": 0.3, "std": 0.05}, "accuracy_at_coverage": {"0.8": {"mean": 0.6, "std": 0.03},
+                                                                               "0.9": {"mean": 0.57, "std": 0.03}},
+                       "referral_rate": {"mean": 0.2, "std": 0.0}},
+            "ensemble": {"accuracy": 0.6, "ece": 0.1, "ece_calibrated": 0.05, "aurc": 0.25,
+                         "accuracy_at_coverage": {"0.8": 0.66, "0.9": 0.63}, "referral_rate": 0.18},
+            "ensemble_tta": {"accuracy": 0.62, "ece": 0.09, "ece_calibrated": 0.04, "aurc": 0.22,
+                             "accuracy_at_coverage": {"0.8": 0.7, "0.9": 0.65}, "referral_rate": 0.21},
+            "final": {"accuracy": 0.58, "ece": 0.11, "ece_calibrated": 0.07, "aurc": 0.27,
+                      "accuracy_at_coverage": {"0.8": 0.64, "0.9": 0.6}, "referral_rate": 0.15}}})
+    put(root / "models/ensemble/combined.json", {
+        "variant": "ensemble_tta", "members": [{"path": "models/combined/fold-0.pt"},
+                                               {"path": "models/combined/fold-1.pt"},
+                                               {"path": "models/combined/fold-2.pt"}],
+        "tta": "dihedral8", "temperature": 1.37, "referral": {"measure": "entropy", "threshold": 1.1,
+                                                              "max_rate": 0.2}})
+    put(root / "reports/trust/combined/reliability.png", b"png")
+    put(root / "reports/trust/combined/risk_coverage.png", b"png")
     put(root / "models/combined/mlflow_runs.json", {
         "pipeline": "combined", "experiment_id": "7", "parent_run_id": "cv-run",
         "folds": {"0": {"run_id": "fold-run-0"}, "1": {"run_id": "fold-run-1"}, "2": {"run_id": "fold-run-2"}},
@@ -154,6 +188,47 @@ def test_the_page_links_the_mlflow_runs_the_model_version_and_the_gallery(tmp_pa
     # Every relative link points at a file of the run.
     for href in set(re.findall(r'(?:href|src)="(?!http|#)([^"]+)"', page)):
         assert (tmp_path / "reports" / href).is_file(), href
+
+
+def cells(row: str) -> list[str]:
+    """The text of each cell of a table row, tags stripped."""
+    return [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)]
+
+
+def test_the_page_shows_what_each_served_model_is_worth(tmp_path):
+    minimal_run(tmp_path)
+    page = index(tmp_path)
+    section = page[page.index('<h2 id="trust">'):page.index("<h2>Attribution")]
+    assert '<h3 id="trust-combined">combined</h3>' in section
+    assert "trust-classification" not in section  # no served model measured for it
+    assert "Served: <b>ensemble_tta</b> (3 models, TTA dihedral8, temperature 1.37)" in section
+    assert "entropy is above the threshold" in section and "at most 20% of the calibration part" in section
+    assert "17 calibration cells" in section and "34 held-out test cells" in section
+    rows = {cells(row)[0]: cells(row)[1:] for row in re.findall(r"<tr>(.*?)</tr>", section, re.S)}
+    assert rows["candidate"] == ["accuracy", "ECE before", "ECE after", "AURC", "accuracy at 80% coverage",
+                                 "referral rate"]
+    assert rows["single"] == ["0.550 ± 0.040", "0.120 ± 0.010", "0.060 ± 0.020", "0.300 ± 0.050", "0.600 ± 0.030",
+                              "0.200 ± 0.000"]
+    assert rows["ensemble_tta (served)"] == ["0.620", "0.090", "0.040", "0.220", "0.700", "0.210"]
+    assert list(rows) == ["candidate", "single", "ensemble", "ensemble_tta (served)", "final"]
+    for figure in ("trust/combined/reliability.png", "trust/combined/risk_coverage.png"):
+        assert f'src="{figure}"' in section
+
+
+def test_the_page_shows_the_paired_comparison_and_fig_7(tmp_path):
+    minimal_run(tmp_path)
+    page = index(tmp_path)
+    section = page[page.index('<h2 id="paired">'):page.index("<h2>Figures</h2>")]
+    assert section.startswith('<h2 id="paired">Paired against classification</h2>')
+    assert "Nadeau-Bengio correction for 3-fold" in section and "Wilcoxon signed-rank" in section
+    rows = [cells(row) for row in re.findall(r"<tr>(.*?)</tr>", section, re.S)]
+    assert rows[0] == ["pipeline", "metric", "mean difference", "95% interval", "p", "pairs"]
+    assert rows[1] == ["combined − classification", "accuracy", "+0.041", "[-0.021, +0.104]", "0.0312", "12"]
+    assert rows[2] == ["score MSE", "-0.250", "[-0.500, +0.000]", "—", "3"]  # the pipeline cell spans both rows
+    assert 'rowspan="2"' in section  # per-class AUCs are in Fig. 7, not the table
+    assert ["combined − classification", "+0.059", "[+0.000, +0.118]", "0.062", "34"] in rows
+    assert "combined: 3 pairs: fewer than 5, no test can reach p &lt; 0.05" in section
+    assert 'src="figures/paired/combined_vs_classification.png"' in section and "Fig. 7" in section
 
 
 def test_champion_wording_names_one_holder(tmp_path):

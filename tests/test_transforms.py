@@ -75,3 +75,35 @@ def test_upright_applies_the_exif_orientation_and_says_so():
     assert not was and same.size == (40, 20)
     same, was = upright(_jpeg((40, 20), None))
     assert not was and same.size == (40, 20)
+
+
+def test_the_transforms_pickle_and_give_the_same_tensors():
+    """A data loader that spawns its workers (macOS, Windows) pickles the dataset and its transforms."""
+    import pickle
+
+    from pap_severity.transforms import eval_transform
+
+    pre = Preprocess(image_size=24, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 20, 3), dtype=np.uint8))
+    transform = eval_transform(pre)
+    copy = pickle.loads(pickle.dumps(transform))
+    assert torch.equal(copy(image), transform(image)) and copy(image).shape == (3, 24, 24)
+    augment = pickle.loads(pickle.dumps(augment_transform(pre, AugmentConfig(hed=0.05))))
+    assert augment(image.resize((24, 24))).shape == (3, 24, 24)
+
+
+def test_a_spawned_data_loader_worker_runs_the_transforms(tiny_herlev):
+    from torch.utils.data import DataLoader
+
+    from pap_severity.data.dataset import CellDataset
+
+    paths = [str(p) for p in sorted(tiny_herlev.rglob("*.BMP"))[:4]]
+    pre = Preprocess(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    for augment in (None, AugmentConfig()):
+        dataset = CellDataset(paths, [0, 1, 2, 3], pre, augment=augment)
+        loader = DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+        batches = list(loader)
+        assert [tuple(x.shape) for x, _ in batches] == [(2, 3, 16, 16)] * 2
+        assert torch.cat([y for _, y in batches]).tolist() == [0, 1, 2, 3]
+        if augment is None:  # the evaluation view is deterministic: the worker computes what we do
+            assert torch.equal(batches[0][0][0], dataset[0][0])

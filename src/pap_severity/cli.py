@@ -7,12 +7,16 @@ same library functions.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from pap_severity import __version__
 from pap_severity.config import Config, ConfigError, load_config
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -23,30 +27,158 @@ app.add_typer(bento_app, name="bento")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read settings from")]
 DEFAULT_PARAMS = Path("params.yaml")
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+log = logging.getLogger(__name__)
+
+
+# Options of every command -----------------------------------------------------------------
+
+
+def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Log lines on stderr: pap-severity's from info up (debug with -v, warnings only with -q),
+    other libraries' from warning up (everything with -vv). -q also turns progress bars off."""
+    logging.basicConfig(format=LOG_FORMAT, level=logging.DEBUG if verbose > 1 else logging.WARNING)
+    logging.getLogger("pap_severity").setLevel(
+        logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if quiet:
+        from pap_severity.progress import ENV
+
+        os.environ[ENV] = "1"  # read by every bar of the package (pap_severity.progress)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"pap-severity {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                    help="print the version and exit")] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="debug lines of pap-severity; -vv: of every library too")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors, no progress bars")] = False,
+) -> None:
+    if verbose and quiet:
+        typer.echo("error: -q and -v contradict each other; give one", err=True)
+        raise typer.Exit(2)
+    configure_logging(verbose, quiet)
+
+
+# Settings ----------------------------------------------------------------------------------
+
+
+def in_project(uri: str, root: Path) -> str:
+    """A relative MLflow store (sqlite:///mlflow.db, ./mlruns) made absolute under the project root;
+    any other URI unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        path, _, query = uri[len(prefix):].partition("?")
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            return prefix + (root / path).as_posix() + (f"?{query}" if query else "")
+        return uri
+    if "://" not in uri and not uri.startswith("file:") and not Path(uri).is_absolute():
+        return (root / uri).as_posix()
+    return uri
+
+
+def project_store(cfg: Config) -> Config:
+    """cfg, with its MLflow store in the project when DVC runs the stage in a temporary copy.
+
+    A queued (`dvc exp run --queue`, `--run-all`) or `--temp` experiment runs in a copy under
+    .dvc/tmp/exps without the git-ignored mlflow.db: a relative store there would be thrown away
+    with the copy. DVC names the project in DVC_ROOT; MLFLOW_TRACKING_URI, when set, wins anyway."""
+    root = os.environ.get("DVC_ROOT")
+    if not root or os.environ.get("MLFLOW_TRACKING_URI") or Path(root).resolve() == Path.cwd().resolve():
+        return cfg
+    uri = in_project(cfg.mlflow.tracking_uri, Path(root).resolve())
+    if uri == cfg.mlflow.tracking_uri:
+        return cfg
+    log.info("MLflow store: %s (the project's; DVC runs this stage in a temporary copy)", uri)
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
 
 
 def _config(params: Path) -> Config:
     """params.yaml when present; the built-in defaults only when the default file is absent."""
     if params == DEFAULT_PARAMS and not params.exists():
-        return Config()
-    return load_config(params)
+        log.debug("settings: the built-in defaults (no %s here)", params)
+        cfg = Config()
+    else:
+        log.debug("settings: %s", params)
+        cfg = load_config(params)
+    return project_store(cfg)
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+# Errors ------------------------------------------------------------------------------------
+
+# Libraries whose errors say what went wrong but come with a traceback: their package -> what to check.
+LIBRARY_HINTS = {
+    "mlflow": "check the MLflow store (MLFLOW_TRACKING_URI, else mlflow.tracking_uri in params.yaml)",
+    "sqlalchemy": "check the database URL and that its server runs",
+    "dvc": "run it from the project root (a git + DVC repository); `dvc doctor` shows DVC's setup",
+}
+LIBRARY_NAMES = {"mlflow": "MLflow", "sqlalchemy": "database", "dvc": "DVC"}
+_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+
+def library_error(exc: BaseException) -> str | None:
+    """One line for an MLflow, SQLAlchemy or DVC error (what failed, where, what to check); None for others."""
+    package = next((cls.__module__.split(".")[0] for cls in type(exc).__mro__
+                    if cls.__module__.split(".")[0] in LIBRARY_HINTS), None)
+    if package is None:
+        return None
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    where = ""
+    if package == "mlflow":
+        from pap_severity.tracking import redact
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri is None and "mlflow" in sys.modules:
+            uri = sys.modules["mlflow"].get_tracking_uri()
+        where = f" ({redact(uri)})" if uri else ""
+        reason = _REASON.search(text)
+        if reason and ("Max retries exceeded" in text or "Failed to establish" in text):
+            message = f"cannot reach the tracking server: {reason.group(1).strip()}"
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return f"{LIBRARY_NAMES[package]}{where}: {message}; {LIBRARY_HINTS[package]}"
+
+
+def _check_pipelines(names) -> None:
+    """Every --pipeline value names a pipeline, before a command uses it (the error lists them)."""
+    from pap_severity.pipelines import get_pipeline
+
+    for name in [names] if isinstance(names, str) else names or []:
+        get_pipeline(name)
+
+
 def clean_errors(fn):
-    """Turn the errors a user can fix into one line on stderr and exit code 2, not a traceback."""
+    """Turn the errors a user can fix into one line on stderr and exit code 2, not a traceback.
+
+    That covers bad settings and inputs, an unknown pipeline name (checked for every command with
+    a --pipeline option), and MLflow, database and DVC errors; -v adds the traceback to the log."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_pipelines(kwargs.get("pipeline"))
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except (ConfigError, ValueError, FileNotFoundError, LookupError, RuntimeError) as exc:
-            typer.echo(f"error: {exc}", err=True)
+        except Exception as exc:
+            line = library_error(exc)
+            if line is None and not isinstance(exc, (ConfigError, ValueError, FileNotFoundError, LookupError,
+                                                     RuntimeError)):
+                raise
+            log.debug("the error in full:", exc_info=True)
+            typer.echo(f"error: {line or exc}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -198,10 +330,8 @@ def tune(
 ) -> None:
     """Tune the settings in tune.space of one pipeline on the cv folds; one worker of its Optuna study."""
     from pap_severity import stages
-    from pap_severity.pipelines import get_pipeline
     from pap_severity.tuning.space import BEST_FILE, format_params
 
-    get_pipeline(pipeline)
     best = stages.tune(_config(params), pipeline, storage=storage, study_name=study_name, n_trials=n_trials,
                        timeout=timeout, track=not no_track)
     typer.echo(f"{pipeline}: best mean validation {best['metric']} {best['value']:.3f} with "
@@ -219,9 +349,7 @@ def train(
 ) -> None:
     """Cross-validate one pipeline: a model per fold, predictions on validation and test."""
     from pap_severity import stages
-    from pap_severity.pipelines import get_pipeline
 
-    get_pipeline(pipeline)
     predictions = stages.train(_config(params), pipeline, best_params=best_params, resume=resume,
                                track=not no_track)
     accuracy = (predictions["pred"] == predictions["severity"]).groupby(
@@ -259,9 +387,7 @@ def compare(params: ParamsOpt = DEFAULT_PARAMS) -> None:
 def train_final(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Train one pipeline on every cv cell with its tuned settings; measure it on the test part."""
     from pap_severity import stages
-    from pap_severity.pipelines import get_pipeline
 
-    get_pipeline(pipeline)
     m = stages.train_final(_config(params), pipeline, best_params=best_params)
     typer.echo(f"{pipeline} final model, test part ({m['n_test_cells']} cells, {m['data_source']} data): "
                f"accuracy {_fmt(m['accuracy'])}, mean AUC {_fmt(m['mean_auc'])}, score MSE {_fmt(m['mse'])}")
@@ -290,9 +416,7 @@ def sweep(
 def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """The served model (fold ensemble or final model) calibrated, with its referral threshold; every candidate on the test part."""
     from pap_severity import stages
-    from pap_severity.pipelines import get_pipeline
 
-    get_pipeline(pipeline)
     result = stages.ensemble(_config(params), pipeline, best_params=best_params)
     m = result["metrics"]
     for name, row in m["rows"].items():
@@ -302,15 +426,24 @@ def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: P
         typer.echo(f"{pipeline} {name:<13} test accuracy {_fmt(accuracy)}, ECE after temperature {_fmt(ece)}{served}")
 
 
+@app.command("headline")
+@clean_errors
+def headline(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """metrics/headline.json: a few numbers of each pipeline's served model, the metric `dvc exp show` compares."""
+    from pap_severity import stages
+
+    for name, values in stages.headline(_config(params)).items():
+        typer.echo(f"{name:<15} " + ", ".join(f"{key} {_fmt(value)}" for key, value in values.items()))
+    typer.echo(f"-> {stages.HEADLINE}")
+
+
 @app.command("explain")
 @clean_errors
 def explain(pipeline: PipelineOpt, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Integrated Gradients report of the served model (fold ensemble or final model) on the test part, with At_N / At_C per class."""
     from pap_severity import stages
     from pap_severity.explain import GALLERY_FILE, REPORT_FILE
-    from pap_severity.pipelines import get_pipeline
 
-    get_pipeline(pipeline)
     stages.explain(_config(params), pipeline)
     typer.echo(f"report: {stages.EXPLAIN / pipeline / REPORT_FILE}; misclassified cells: "
                f"{stages.EXPLAIN / pipeline / GALLERY_FILE}")

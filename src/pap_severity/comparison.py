@@ -84,19 +84,13 @@ def plot_auc_per_fold(metrics_by_pipeline: dict[str, dict], path: Path) -> Path:
 
 
 def auc_rows(metrics_by_pipeline: dict[str, dict]) -> pd.DataFrame:
-    """Test-part AUC per (class, fold), one column per pipeline: the data behind Fig 7."""
-    table = None
+    """Test-part AUC per (pipeline, class, fold), one row each: the data behind Fig 7 for `dvc plots`."""
+    rows = []
     for name, metrics in metrics_by_pipeline.items():
         per_fold = np.asarray(metrics["auc_per_class"]["per_fold"], dtype=float).reshape(-1, NUM_SEVERITIES)
-        long = pd.DataFrame(
-            [
-                {"severity": k, "class": _class_label(k), "fold": fold, name: per_fold[fold, k]}
-                for fold in range(len(per_fold))
-                for k in CLASSES
-            ]
-        )
-        table = long if table is None else table.merge(long, on=["severity", "class", "fold"], how="outer")
-    return table.sort_values(["severity", "fold"]).reset_index(drop=True)
+        rows += [{"pipeline": name, "class": _class_label(k), "fold": fold, "auc": per_fold[fold, k]}
+                 for k in CLASSES for fold in range(len(per_fold))]
+    return pd.DataFrame(rows, columns=["pipeline", "class", "fold", "auc"])
 
 
 

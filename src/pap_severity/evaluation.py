@@ -294,8 +294,9 @@ def _pipeline_rows(predictions: pd.DataFrame, pipeline: str) -> pd.DataFrame:
 
 
 def _class_label(k: int) -> str:
-    """'2 moderate': sorts in severity order, also in DVC's vega plots."""
-    return f"{k} {SEVERITY_NAMES[k]}"
+    """'3 moderate': the class by its severity score 1..5 (as the paper and the report count) and
+    name; sorts in severity order, also in DVC's vega plots."""
+    return f"{k + 1} {SEVERITY_NAMES[k]}"
 
 
 def plot_confusion_matrix(cm, title: str, path: Path) -> Path:
@@ -361,8 +362,8 @@ def evaluate(
     """Write metrics/<pipeline>.json and, per part, the figures and the data behind them.
 
     Under `figures_dir/<pipeline>/`, for part in (test, val): `confusion_<part>.png` and
-    `scores_<part>.png`, with `confusion_<part>.csv` (fold, path, actual, predicted) and
-    `scores_<part>.csv` (fold, path, severity, actual, true_score, score) for `dvc plots`.
+    `scores_<part>.png`, with `confusion_<part>.csv` (pipeline, fold, path, actual, predicted) and
+    `scores_<part>.csv` (pipeline, fold, path, severity, actual, true_score, score) for `dvc plots`.
     Returns {"metrics": content, "metrics_path", "figures": {name: path}, "plots": {name: path}}.
     """
     predictions = pd.read_csv(predictions_csv)
@@ -395,9 +396,10 @@ def evaluate(
 
 
 def confusion_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per prediction, `actual` and `predicted` as class labels: DVC's confusion template."""
+    """One row per prediction, `actual` and `predicted` as class labels: dvc.yaml's confusion plots."""
     return pd.DataFrame(
         {
+            "pipeline": rows["pipeline"].to_numpy(),
             "fold": rows["fold"].to_numpy(),
             "path": rows["path"].to_numpy(),
             "actual": [_class_label(int(k)) for k in rows["severity"]],
@@ -407,9 +409,10 @@ def confusion_rows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per prediction with the true and predicted score: DVC's scatter template."""
+    """One row per prediction with the true class and the predicted score: dvc.yaml's score plot."""
     return pd.DataFrame(
         {
+            "pipeline": rows["pipeline"].to_numpy(),
             "fold": rows["fold"].to_numpy(),
             "path": rows["path"].to_numpy(),
             "severity": rows["severity"].astype(int).to_numpy(),

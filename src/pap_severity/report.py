@@ -2,11 +2,13 @@
 
 It states the data source, when the page was written and from which commit, then the
 data validation, each pipeline's own (tuned) settings, the pipeline comparison (held-out
-test part and validation folds, each table saying what it averages), each pipeline's
-figures under its name with its MLflow runs and, where the explain stage ran, the
-gallery of its misclassified test cells, the attribution reports, the final models, and
-the registered versions (which one holds the alias, from the registry record) with how
-to serve it. It reads only the files the stages wrote and links to them (relative
+test part and validation folds, each table saying what it averages), the paired comparison
+with the reference pipeline (differences with their intervals and p-values, the paper's
+Fig. 7 per pair), each pipeline's figures under its name with its MLflow runs and, where
+the explain stage ran, the gallery of its misclassified test cells, the served models and
+what they are worth (calibration and referral of every candidate, reliability and
+risk-coverage figures), the attribution reports, the final models, and the registered
+versions (which one holds the alias, from the registry record) with how to serve it. It reads only the files the stages wrote and links to them (relative
 links, so the folder can move); it copies none of them. The page comes from the Jinja2
 template `index.html.j2` (autoescaped) and is written atomically.
 
@@ -28,6 +30,11 @@ from pap_severity.templates import render
 
 SHOWN = ("accuracy", "balanced_accuracy", "mean_auc", "mse", "qwk", "binary_accuracy", "binary_f1")
 EXPLAIN_SHOWN = ("abs_at_n", "abs_at_c", "abs_at_ratio", "abs_at_n_norm", "rand_abs_at_n_norm")
+# The columns of a served-model candidate (a row of metrics/ensemble/<pipeline>.json): key, heading.
+TRUST_SHOWN = (("accuracy", "accuracy"), ("ece", "ECE before"), ("ece_calibrated", "ECE after"), ("aurc", "AURC"),
+               ("accuracy_at_coverage.0.8", "accuracy at 80% coverage"), ("referral_rate", "referral rate"))
+# The paired differences shown, in this order (comparison.PAIRED_METRICS also has per-class AUCs, in Fig. 7).
+PAIRED_SHOWN = ("accuracy", "balanced_accuracy", "mean_auc", "mse", "qwk")
 # Where `mlflow ui` listens unless told otherwise.
 MLFLOW_UI = "http://127.0.0.1:5000"
 INDEX_FILE = "index.html"
@@ -163,6 +170,77 @@ def _comparison(reports: Path) -> dict | None:
     }
 
 
+def _paired(reports: Path) -> dict | None:
+    """The paired comparison of reports/comparison.json: a row per (pipeline, metric) against the
+    reference, the served models' bootstrap on the test part, the notes, and the Fig. 7 images."""
+    comparison = _read(reports / "comparison.json")
+    if comparison is None or "reference" not in comparison:
+        return None
+    reference = comparison["reference"]
+    rows = []
+    for name, metrics in comparison.get("paired", {}).items():
+        shown = [m for m in PAIRED_SHOWN if m in metrics]
+        for i, metric in enumerate(shown):
+            r = metrics[metric]
+            rows.append({"pipeline": name, "span": len(shown) if i == 0 else 0,
+                         "metric": HEADLINE_LABELS.get(metric, metric), "mean_diff": r.get("mean_diff"),
+                         "ci95": r.get("ci95"), "p_value": r.get("p_value"), "n": r.get("n"),
+                         "reason": r.get("reason")})
+    test = [{"pipeline": name, **r["accuracy"]} for name, r in comparison.get("paired_test", {}).items()]
+    figures = [{"pipeline": name, "href": _href(reports / "figures" / "paired" / f"{name}_vs_{reference}.png",
+                                                reports)}
+               for name in comparison.get("paired", {})]
+    return {"reference": reference, "part": comparison.get("part"), "interval": comparison.get("interval"),
+            "test_name": comparison.get("significance_test"), "rows": rows, "test": test,
+            "notes": comparison.get("notes", []), "figures": [f for f in figures if f["href"]]}
+
+
+def _mean_std(value) -> dict:
+    """A row value as {mean, std}: the `single` row holds mean ± std over fold models, the others one value."""
+    if isinstance(value, dict):
+        return {"mean": value.get("mean"), "std": value.get("std")}
+    return {"mean": value, "std": None}
+
+
+def _lookup(row: dict, key: str):
+    """row["a.b"] as row["a"]["b"]; the coverage keys ("0.8") hold a dot of their own."""
+    head, _, rest = key.partition(".")
+    value = row.get(head)
+    return value.get(rest) if rest and isinstance(value, dict) else value
+
+
+def _trust(reports: Path, metrics: Path, models: Path, pipelines: list[str]) -> list[dict]:
+    """Per pipeline: its served model (models/ensemble/<p>.json) and every candidate measured on the
+    test part (metrics/ensemble/<p>.json), with the reliability and risk-coverage figures."""
+    sections = []
+    for name in pipelines:
+        measured = _read(metrics / "ensemble" / f"{name}.json")
+        if measured is None:
+            continue
+        spec = _read(models / "ensemble" / f"{name}.json") or {}
+        referral = spec.get("referral", {})
+        folder = reports / "trust" / name
+        sections.append({
+            "pipeline": name,
+            "served": measured.get("served"),
+            "members": len(spec.get("members", [])) or None,
+            "tta": spec.get("tta"),
+            "temperature": spec.get("temperature"),
+            "measure": referral.get("measure"),
+            "max_rate": referral.get("max_rate"),
+            "n_test_cells": measured.get("n_test_cells"),
+            "n_calibration_cells": measured.get("n_calibration_cells"),
+            "rows": [{"variant": variant, "served": variant == measured.get("served"),
+                      "values": [_mean_std(_lookup(row, key)) for key, _ in TRUST_SHOWN]}
+                     for variant, row in measured.get("rows", {}).items()],
+            "figures": [{"href": _href(folder / f"{stem}.png", reports), "caption": caption}
+                        for stem, caption in (("reliability", "reliability after temperature"),
+                                              ("risk_coverage", "risk against coverage"))
+                        if (folder / f"{stem}.png").exists()],
+        })
+    return sections
+
+
 def _pipeline_figures(reports: Path, models: Path, pipelines: list[str], ui: str) -> list[dict]:
     """Per pipeline: its test figures, the gallery of its misclassified cells, its MLflow runs."""
     from pap_severity.explain import GALLERY_FILE
@@ -282,7 +360,9 @@ def write_index(reports: str | Path = "reports", metrics: str | Path = "metrics"
         settings=_settings(metrics, tuning, names, ui),
         comparison=comparison,
         auc_figure=_href(reports / "figures" / "auc_per_fold.png", reports),
+        paired=_paired(reports),
         pipelines=_pipeline_figures(reports, models, names, ui),
+        trust={"labels": [label for _, label in TRUST_SHOWN], "pipelines": _trust(reports, metrics, models, names)},
         explain=_explain(reports),
         explain_shown=EXPLAIN_SHOWN,
         final={"labels": [HEADLINE_LABELS[m] for m in SHOWN], "rows": _final(metrics)},

@@ -27,6 +27,7 @@ EXPLAIN = Path("reports/explain")
 REGISTRY = Path("reports/registry.json")
 ENSEMBLE = Path("models/ensemble")
 ENSEMBLE_METRICS = Path("metrics/ensemble")
+HEADLINE = Path("metrics/headline.json")
 TRUST_FIGURES = Path("reports/trust")
 REPORTS = Path("reports")
 
@@ -190,6 +191,13 @@ def ensemble(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: P
                                        parts["test"])
     return trust.write_outputs(result, pipeline, source, settings(cfg), out / f"{pipeline}.json",
                                out / f"{pipeline}.predictions.csv", metrics / f"{pipeline}.json", figures)
+
+
+def headline(cfg: Config, *, ensemble_metrics: Path = ENSEMBLE_METRICS, out: Path = HEADLINE) -> dict:
+    """metrics/headline.json, the DVC metric: a few numbers of each pipeline's served model (headline.py)."""
+    from pap_severity.headline import write_headline
+
+    return write_headline(cfg.train.pipelines, ensemble_metrics, out)
 
 
 def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Path = SPLITS,

@@ -140,9 +140,23 @@ class HedJitter(v2.Transform):
         return hed_to_rgb(rgb_to_hed(inpt) * scale + shift)
 
 
+class SquareResize:
+    """square_resize as a transform step: a class, not a lambda, so that a transform pickles and
+    data loader workers can be spawned (macOS, Windows) rather than forked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return square_resize(image, self.size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
 def eval_transform(pre: Preprocess) -> v2.Compose:
     """PIL image (any mode, any size) -> normalised [3, S, S] tensor."""
-    return v2.Compose([v2.Lambda(lambda im: square_resize(im, pre.image_size)), _normalise(pre)])
+    return v2.Compose([SquareResize(pre.image_size), _normalise(pre)])
 
 
 def augment_transform(pre: Preprocess, aug: AugmentConfig) -> v2.Compose:

@@ -251,13 +251,14 @@ def write_outputs(result: dict, pipeline: str, data_source: str, settings: dict,
         y = rows["severity"].to_numpy(dtype=int)
         confidence, accuracy, counts = calibration.reliability(y, rows[PROB_COLUMNS].to_numpy())
         curves[variant] = (confidence, accuracy, counts)
-        reliability_rows += [{"variant": variant, "confidence": c, "accuracy": a, "cells": int(n)}
-                             for c, a, n in zip(confidence, accuracy, counts)]
+        reliability_rows += [{"pipeline": pipeline, "variant": variant, "confidence": c, "accuracy": a,
+                              "cells": int(n)} for c, a, n in zip(confidence, accuracy, counts)]
         measure = result["rows"][variant]["referral_measure"]
         coverage, risk = selective.risk_coverage((rows["pred"] == rows["severity"]).to_numpy(),
                                                  rows[measure].to_numpy())
         risk_curves[variant] = (coverage, risk)
-        risk_rows += [{"variant": variant, "coverage": c, "risk": r} for c, r in zip(coverage, risk)]
+        risk_rows += [{"pipeline": pipeline, "variant": variant, "coverage": c, "risk": r}
+                      for c, r in zip(coverage, risk)]
     out = Path(figures_dir) / pipeline
     figures = {
         "reliability": calibration.plot_reliability(curves, f"Reliability after temperature, {where}",

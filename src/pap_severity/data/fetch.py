@@ -15,10 +15,9 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
 from pap_severity.data.labels import CLASS_FOLDERS
 from pap_severity.data.reader import IMAGE_SUFFIXES, MASK_SUFFIX
+from pap_severity.progress import progress_bar
 
 ZIP_NAME = "smear2005.zip"
 EXTRACTED_NAME = "smear2005"
@@ -51,7 +50,7 @@ def download(url: str, dest: Path, timeout: float = 60.0, progress: bool = True)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, partial.open("wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            with progress_bar(progress=progress, total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 while block := resp.read(1 << 16):
                     out.write(block)
                     bar.update(len(block))

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from pap_severity.data.labels import is_abnormal, is_class_folder, severity_of
 from pap_severity.data.masks import read_mask, region_fractions
 from pap_severity.data.reader import CellFile, find_cells, open_image, read_bytes
 from pap_severity.data.synth import SYNTH_MARKER
 from pap_severity.files import write_csv
+from pap_severity.progress import progress_bar
 
 COLUMNS = (
     "path",
@@ -100,7 +100,7 @@ def build_manifest(root: str | Path, progress: bool = True) -> pd.DataFrame:
     """Scan root and describe every cell; raises DataError when root holds no images."""
     cells = find_cells(root)
     source = data_source(root)
-    rows = [_row(c, source) for c in tqdm(cells, desc="manifest", unit="cell", disable=not progress)]
+    rows = [_row(c, source) for c in progress_bar(cells, progress=progress, desc="manifest", unit="cell")]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     return df.astype({"abnormal": "boolean", **{col: "Int64" for col in _INTEGERS}})
 

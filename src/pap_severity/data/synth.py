@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
-from tqdm import tqdm
 
 from pap_severity.data.labels import CLASS_FOLDERS
 from pap_severity.data.masks import BACKGROUND, CYTOPLASM, NUCLEUS, UNKNOWN, encode_mask
+from pap_severity.progress import progress_bar
 
 SYNTH_MARKER = "SYNTHETIC.txt"
 
@@ -110,7 +110,7 @@ def make_synthetic(
     (out_dir / SYNTH_MARKER).write_text(_marker_text(per_class, size, seed))
     jobs = [(ci, name, index) for ci, name in enumerate(CLASS_FOLDERS) for index in range(per_class)]
     paths = []
-    for ci, name, index in tqdm(jobs, desc="synth cells", unit="cell", disable=not progress):
+    for ci, name, index in progress_bar(jobs, progress=progress, desc="synth cells", unit="cell"):
         rng = np.random.default_rng([seed, ci, index])
         image, codes = draw_cell(rng, _LOOKS[name], size)
         folder = out_dir / name

@@ -57,13 +57,13 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import ExplainConfig
 from pap_severity.data.masks import CYTOPLASM, NUCLEUS
 from pap_severity.losses import NUM_CLASSES
 from pap_severity.models import corn_probabilities
+from pap_severity.progress import progress_bar
 from pap_severity.transforms import Preprocess, white_input
 
 BASELINES = ("white", "black", "blur", "noise")
@@ -253,7 +253,7 @@ def integrated_gradients(
         fb = _target_values(mode, base_outputs)[rows, columns]
         ig = IntegratedGradients(forward)
         starts = range(0, x_all.shape[0], per_call)
-        for start in tqdm(starts, desc=f"IG ({baseline})", unit="call", disable=not progress):
+        for start in progress_bar(starts, progress=progress, desc=f"IG ({baseline})", unit="call"):
             x = x_all[start : start + per_call]
             attr = ig.attribute(
                 x,

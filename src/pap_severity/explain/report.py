@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import ExplainConfig
@@ -40,6 +39,7 @@ from pap_severity.explain.gallery import GALLERY_FILE, write_gallery
 from pap_severity.explain.heatmap import heatmap_mappable, heatmap_rgb, heatmap_scale
 from pap_severity.explain.sanity import sanity_check
 from pap_severity.files import json_ready, write_json, write_text
+from pap_severity.progress import progress_bar
 from pap_severity.templates import render
 
 # Images used by the sanity check (spread over the classes).
@@ -306,7 +306,8 @@ def explain_report(
     items = items.reset_index(drop=True)
     cells = [
         load_cell(row.path, row.mask_path if isinstance(row.mask_path, str) and row.mask_path else None, pre)
-        for row in tqdm(items.itertuples(), total=len(items), desc="load cells", unit="cell", disable=not progress)
+        for row in progress_bar(items.itertuples(), progress=progress, total=len(items), desc="load cells",
+                                unit="cell")
     ]
     images = torch.stack([c.input for c in cells])
     result = integrated_gradients(bundle, images, cfg, progress=progress)

@@ -26,12 +26,12 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import ExplainConfig
 from pap_severity.explain.attribution import ConvergenceWarning, attribute, attribution_map
 from pap_severity.models import ExpectedScore, SeverityNet
+from pap_severity.progress import progress_bar
 
 SANITY_COLUMNS = ("stage", "spearman_abs", "spearman_abs_std", "spearman_signed", "n_images")
 RESNET_BLOCKS = ("layer4", "layer3", "layer2", "layer1")
@@ -111,8 +111,8 @@ def sanity_check(
         trained_maps = attribution_map(attribute(bundle, images, cfg)[0])
     rows = []
     stages = randomise_cascade(bundle.model, seed=cfg.seed)
-    for stage, model in tqdm(stages, desc="sanity check", unit="stage", disable=not progress,
-                             total=len(cascade_stages(bundle.model))):
+    for stage, model in progress_bar(stages, progress=progress, desc="sanity check", unit="stage",
+                                     total=len(cascade_stages(bundle.model))):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             maps = attribution_map(attribute(replace(bundle, model=model), images, cfg)[0])
