@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
 from pap_severity.config import Config, LossConfig, run_definition
@@ -69,6 +69,7 @@ from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, STOPPING_M
 from pap_severity.files import write_json, write_text
 from pap_severity.losses import NUM_CLASSES, balanced_class_weights
 from pap_severity.models import build_model
+from pap_severity.progress import progress_bar
 from pap_severity.pipelines import get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment_transform, channel_stats
 
@@ -576,8 +577,8 @@ def _fit(cfg: Config, pipeline: str, train_items: pd.DataFrame, val_items: pd.Da
             state.load(state_file)
         steps = len(train_loader)
         desc = f"{pipeline} fold {fold}" if val_items is not None else f"{pipeline} final"
-        with tqdm(total=epochs * steps, initial=state.epoch * steps, desc=desc, unit="batch",
-                  disable=not progress, leave=True, dynamic_ncols=True) as bar:
+        with progress_bar(total=epochs * steps, initial=state.epoch * steps, desc=desc, unit="batch",
+                          progress=progress, leave=True, dynamic_ncols=True) as bar:
             while state.epoch < epochs and not state.stopped(cfg.train.patience):
                 epoch = state.epoch + 1
                 train_loader.sampler.set_epoch(epoch)
