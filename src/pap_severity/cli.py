@@ -455,7 +455,7 @@ def register(
     pipeline: Annotated[Optional[list[str]], typer.Option("--pipeline", "-p", help="only these pipelines [default: train.pipelines]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Register the final models in the MLflow Model Registry; the promotion rule moves @champion."""
+    """Register each pipeline's served model (fold ensemble or final model, models/ensemble/<pipeline>.json) in the MLflow Model Registry; the promotion rule, on its test metrics, moves @champion."""
     from pap_severity import stages
 
     cfg = _config(params)
@@ -488,7 +488,7 @@ def bento_import(
     alias: Annotated[Optional[str], typer.Option(help="registry alias [params: registry.alias]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Copy models:/<registry.model_name>@<alias> into the BentoML model store (BENTOML_HOME)."""
+    """Copy models:/<registry.model_name>@<alias> into the BentoML model store (BENTOML_HOME, else the project's bentoml_home/)."""
     from pap_severity.bento_build import import_champion
 
     tag = import_champion(_config(params), alias=alias, version=version)
@@ -516,7 +516,7 @@ def bento_build(
     tag = build_bento()
     if record is not None:
         write_json(bento_record(tag), record)
-    typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve (with the same BENTOML_HOME)")
+    typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve")
 
 
 def main() -> None:  # pragma: no cover - the console script entry
