@@ -58,6 +58,7 @@ from pap_severity.serving import (  # noqa: E402
     decode_mask_upload,
     error_response,
     fractions_model,
+    heatmap,
     load_served_model,
     model_info,
     png_base64,
@@ -74,8 +75,6 @@ SERVE = CFG.serve
 LIMITS = UploadLimits.from_config(CFG)
 BATCHING = batching_enabled(SERVE)
 MODEL_TAG = bento_model_tag()
-# The heat map is enlarged to about this many pixels a side (nearest), so small inputs stay visible.
-HEATMAP_SIDE = 256
 
 set_pillow_limit(LIMITS)
 
@@ -246,8 +245,7 @@ class PapSeverity:
         except RequestError as exc:
             return error_response(exc)
         am = ig.attribution_map(np.asarray(result["attributions"]))[0]
-        upscale = max(1, HEATMAP_SIDE // max(1, am.shape[0]))
-        png = ig.heatmap_png(cell.rgb, am, upscale=upscale, colorbar=True)
+        png = heatmap(cell.rgb, am)
         pred = predict_responses(self.info, np.asarray(result["outputs"]), rotated)[0]
         relative = np.asarray(result["relative_delta"], dtype=np.float64)
         fractions = fractions_model(ig.attribution_fractions(am, cell.codes)) if cell.codes is not None else None

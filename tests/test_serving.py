@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -520,6 +521,53 @@ def test_an_older_model_without_members_serves_with_uncertainty_null(served):
         assert answer.refer is False and answer.refer_reason is None
         assert abs(answer.severity_score - float(single.score[i])) <= TOL
         assert answer.model.data_source == "synthetic"
+
+
+def test_predict_command_gives_the_servers_numbers(served, tmp_path):
+    """`pap-severity predict` on a folder (cells, their masks, a broken file) and on one file: per cell the
+    numbers /predict answers, the heat maps and At_N / At_C of /explain, and a refused file as a row."""
+    from typer.testing import CliRunner
+
+    from pap_severity.cli import app
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for path in map(Path, served["cells"]["path"]):
+        for f in (path, path.with_name(path.stem + "-d.bmp")):
+            shutil.copy2(f, folder / f.name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "answers.csv"
+    done = CliRunner().invoke(app, ["predict", str(folder), "--out", str(out), "--explain", "--mask-suffix", "-d",
+                                    "--params", str(served["params"])])
+    assert done.exit_code == 0, done.output
+    table = pd.read_csv(out).set_index("path")
+    cells = sorted(p for p in folder.iterdir() if not p.stem.endswith("-d") and p.name != "broken.png")
+    assert set(table.index) == {str(p) for p in cells} | {str(folder / "broken.png")}  # masks are not cells
+    assert "not an image" in table.loc[str(folder / "broken.png"), "error"]
+    for path in cells:
+        row = table.loc[str(path)]
+        body = post_image(served, path.read_bytes()).json()
+        for name in SEVERITY_NAMES:
+            assert abs(row[f"p_{name}"] - body["probabilities"][name]) <= TOL
+        assert abs(row["severity_score"] - body["severity_score"]) <= TOL and row["severity"] == body["severity"]
+        for name in ("entropy", "score_std", "mutual_info", "disagreement"):
+            assert abs(row[name] - body["uncertainty"][name]) <= TOL, name
+        assert bool(row["refer"]) is body["refer"] and row["model_uri"] == body["model"]["uri"]
+        assert Image.open(row["heatmap"]).size == (256 + ig.heatmap.COLORBAR_PX, 256)
+    mask = cells[0].with_name(cells[0].stem + "-d.bmp")
+    explained = post_image(served, cells[0].read_bytes(), route="/explain",
+                           mask=(mask.name, mask.read_bytes(), "image/bmp")).json()
+    for key in ("at_n", "at_c", "at_n_norm", "at_c_norm"):
+        assert abs(table.loc[str(cells[0]), key] - explained["fractions"][key]) <= 1e-4, key
+
+    # An older version by its URI: the same cell, no uncertainty, and the reason.
+    old = tmp_path / "old.csv"
+    done = CliRunner().invoke(app, ["predict", str(cells[0]), "--out", str(old), "--model-uri",
+                                    f"models:/pap-severity/{served['old'].version}", "--params", str(served["params"])])
+    assert done.exit_code == 0, done.output
+    row = pd.read_csv(old).iloc[0]
+    assert "without ensemble members" in row["uncertainty_reason"] and pd.isna(row["entropy"])
+    assert row["model_uri"] == f"models:/pap-severity/{served['old'].version}"
 
 
 # --------------------------------------------------------------------------------------

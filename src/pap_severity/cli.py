@@ -472,6 +472,32 @@ def register(
             typer.echo(f"  missing artifacts: {', '.join(map(str, r.missing_artifacts))}")
 
 
+@app.command("predict")
+@clean_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="cell images, or folders searched at any depth")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write: one row per cell")],
+    model_uri: Annotated[Optional[str], typer.Option(
+        "--model-uri", help="models:/<name>/<version> or models:/<name>@<alias> "
+                            "(default: the champion, models:/<registry.model_name>@<registry.alias>)")] = None,
+    mask_suffix: Annotated[str, typer.Option(
+        "--mask-suffix", help="a file <cell stem><suffix>.<image suffix> is that cell's mask, never a cell")] = "-d",
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="also write IG heat maps (<out>_heatmaps/) and At_N / At_C where a mask exists")] = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Batch prediction with no server: the champion's (or --model-uri's) answers for images or folders, the numbers /predict gives."""
+    from pap_severity.batch_predict import predict_paths
+
+    cfg = _config(params)
+    table = predict_paths(cfg, paths, out, model_uri=model_uri, mask_suffix=mask_suffix, explain=explain,
+                          device=cfg.serve.device)
+    refused = int(table["error"].notna().sum())
+    referred = int(table["refer"].fillna(False).astype(bool).sum()) if "refer" in table else 0
+    typer.echo(f"wrote {out}: {len(table) - refused} cells, {referred} referred to a cytologist"
+               + (f", {refused} refused (see the error column)" if refused else ""))
+
+
 @app.command("report")
 @clean_errors
 def report(params: ParamsOpt = DEFAULT_PARAMS) -> None:

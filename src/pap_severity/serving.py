@@ -761,6 +761,18 @@ def png_base64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
+# The heat map is enlarged to about this many pixels a side (nearest), so small inputs stay visible.
+HEATMAP_SIDE = 256
+
+
+def heatmap(rgb: np.ndarray, am: np.ndarray) -> bytes:
+    """The PNG of /explain and `pap-severity predict --explain`: |Am| over the cell as the model sees
+    it, enlarged to about HEATMAP_SIDE pixels, with its colour scale."""
+    from pap_severity.explain import heatmap_png
+
+    return heatmap_png(rgb, am, upscale=max(1, HEATMAP_SIDE // max(1, am.shape[0])), colorbar=True)
+
+
 # --------------------------------------------------------------------------------------
 # The model, loaded for serving
 # --------------------------------------------------------------------------------------
