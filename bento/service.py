@@ -266,7 +266,7 @@ class PapSeverity:
 
 PapSeverity.add_asgi_middleware(UploadGuard, max_upload_bytes=LIMITS.max_upload_bytes, routes=ROUTES)
 PapSeverity.add_asgi_middleware(OpenAPIDocs, title="pap-severity", version=__version__,
-                                description=f"{SERVICE_DESCRIPTION}\n\nServing {_served_line()}.")
+                                description=lambda: f"{SERVICE_DESCRIPTION}\n\nServing {_served_line()}.")
 PapSeverity.add_asgi_middleware(ReadinessGuard, timeout_s=SERVE.probe_timeout_ms / 1000)
 
 __all__ = ["PapSeverity", "PapSeverityModel"]

@@ -533,12 +533,13 @@ def openapi_document(spec: dict, *, title: str, version: str, description: str,
 
 
 class OpenAPIDocs:
-    """GET /docs.json (the Swagger page's source) answered with `openapi_document` of BentoML's."""
+    """GET /docs.json (the Swagger page's source) answered with `openapi_document` of BentoML's;
+    `description` may be a callable, asked at the first request (the model is known by then)."""
 
-    def __init__(self, app, *, title: str, version: str, description: str, path: str = OPENAPI_PATH) -> None:
+    def __init__(self, app, *, title: str, version: str, description, path: str = OPENAPI_PATH) -> None:
         self.app = app
         self.path = path
-        self.meta = {"title": title, "version": version, "description": description}
+        self.title, self.version, self.description = title, version, description
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope.get("path") != self.path or scope.get("method") != "GET":
@@ -556,7 +557,10 @@ class OpenAPIDocs:
         await self.app(scope, receive, keep)
         body = b"".join(chunks)
         if start is not None and start["status"] == 200:
-            body = json.dumps(openapi_document(json.loads(body), **self.meta)).encode()
+            if callable(self.description):
+                self.description = self.description()
+            body = json.dumps(openapi_document(json.loads(body), title=self.title, version=self.version,
+                                               description=self.description)).encode()
             headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
             start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         if start is None:
