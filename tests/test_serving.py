@@ -274,6 +274,30 @@ def test_health_and_metrics(served):
     assert 'endpoint="/predict"' in metrics.text and "bentoml_service_request" in metrics.text
 
 
+def test_serves_the_projects_store_with_no_variable(served):
+    """The server was started from the project's bento/ with no BENTOML_HOME: it serves the model that exists
+    only in <project>/bentoml_home, and says which."""
+    assert "BENTOML_HOME" not in served["env"] and "PAP_SEVERITY_PARAMS" not in served["env"]
+    version = served["tag"].split(":")[1]
+    assert (served["project"] / "bentoml_home" / "models" / "pap-severity" / version).is_dir()
+    body = post_image(served, good_cell(served).read_bytes()).json()
+    assert body["model"]["bento_model"] == served["tag"]
+
+
+def test_the_project_store_and_the_bento_record(tmp_path):
+    from pap_severity.bento_build import bento_record
+    from pap_severity.serving import project_store
+
+    (tmp_path / "bento").mkdir()
+    assert project_store(tmp_path / "bento") is None  # not a project's bento/: BentoML's default holds
+    (tmp_path / "bento" / "bentofile.yaml").write_text("service: service:PapSeverity\n")
+    assert project_store(tmp_path / "bento") == tmp_path.resolve() / "bentoml_home"
+    own = bento_record("pap-severity:x", home=tmp_path / "bentoml_home", project=tmp_path)
+    assert own == {"bento": "pap-severity:x", "bentoml_home": "../bentoml_home", "serve": "cd bento && bentoml serve"}
+    other = bento_record("pap-severity:x", home=tmp_path / "elsewhere", project=tmp_path)
+    assert other["serve"] == "cd bento && BENTOML_HOME=../elsewhere bentoml serve"
+
+
 def test_binds_loopback_by_default(served):
     assert f"listening on http://127.0.0.1:{served['url'].rsplit(':', 1)[1]}" in served["log"].read_text()
 
