@@ -164,15 +164,15 @@ def predict_paths(cfg: Config, paths: Sequence[str | Path], out: str | Path, *, 
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
             decoded = []
-            for item in chunk:
+            for n, item in enumerate(chunk, start):
                 row = {"path": str(item.path), "mask_path": str(item.mask) if item.mask else None, "error": None}
                 try:
-                    decoded.append((row, item, *decode_cell(item.path, limits, "image")))
+                    decoded.append((row, item, n, *decode_cell(item.path, limits, "image")))
                 except RequestError as exc:
                     row["error"] = exc.message
                 rows.append(row)
             if decoded:
-                _answer(served, decoded, heatmaps, cfg, limits, start)
+                _answer(served, decoded, heatmaps, cfg, limits)
             bar.update(len(chunk))
     table = pd.DataFrame(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,18 +182,18 @@ def predict_paths(cfg: Config, paths: Sequence[str | Path], out: str | Path, *, 
     return table
 
 
-def _answer(served, decoded: list, heatmaps: Path | None, cfg: Config, limits, offset: int) -> None:
+def _answer(served, decoded: list, heatmaps: Path | None, cfg: Config, limits) -> None:
     """Fill the rows of one batch of decoded cells: one forward pass, then (explain) IG cell by cell."""
     from pap_severity.serving import predict_responses
     from pap_severity.transforms import eval_transform
 
     transform = eval_transform(served.info.preprocess)
-    x = np.stack([transform(im).numpy() for _, _, im, _ in decoded])
+    x = np.stack([transform(im).numpy() for _, _, _, im, _ in decoded])
     outputs = served.forward(x)
-    for i, (row, item, im, rotated) in enumerate(decoded):
+    for i, (row, item, n, im, rotated) in enumerate(decoded):
         row.update(flatten(predict_responses(served.info, outputs[i:i + 1], rotated)[0]))
-        if heatmaps is not None:
-            row.update(_explained(served, item, im, heatmaps / f"{offset + i:05d}_{item.path.stem}.png", cfg, limits))
+        if heatmaps is not None:  # numbered by the cell's place in the inputs: stems may repeat across folders
+            row.update(_explained(served, item, im, heatmaps / f"{n:05d}_{item.path.stem}.png", cfg, limits))
 
 
 def _explained(served, item: Item, im, png: Path, cfg: Config, limits) -> dict:

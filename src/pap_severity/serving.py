@@ -7,14 +7,29 @@ The model the server runs
 -------------------------
 `load_served_model` opens the BentoML model `bento_build.import_champion` made: the MLflow pt2
 archive (torch.export) gives the weights; they go into an ordinary eager nn.Module
-(`eager_module`: the package's SeverityNet of the model's arch and pipeline), because
+(`eager_module`: the fold ensemble that the metadata's `ensemble` describes, k SeverityNets with
+their normalisation, TTA and temperature; or, for an older version, one SeverityNet), because
 Integrated Gradients needs `.eval()` and gradients, which an exported module refuses, and a
 pt2 module cannot move to a GPU. Before serving, the two must give the same outputs on
 `registry.reference_inputs` (a white cell and seeded noise; max |difference| <=
-OUTPUT_TOLERANCE), else the server refuses to start. Any nn.Module that returns one tensor
-[outputs..., score] can be served the same way: `eager_module` is the one place that knows
-which module to rebuild. Preprocessing is `transforms.eval_transform(Preprocess)` from the
-model's metadata: the code training used, not a copy.
+OUTPUT_TOLERANCE, NaN matching NaN), else the server refuses to start. `eager_module` is the one
+place that knows which module to rebuild. Preprocessing is `transforms.eval_transform(Preprocess)`
+from the model's metadata: the code training used, not a copy. `info_from_mlflow` builds the same
+ModelInfo from a registered version without BentoML (`pap-severity predict`).
+
+Answers
+-------
+`prediction_rows` turns the model's outputs into the answer's fields, for the server and
+`pap-severity predict` alike: a served ensemble's columns (ensemble.COLUMNS) give the calibrated
+probabilities, the score, `uncertainty` (entropy, score_std, mutual_info, disagreement; the last
+three null with one member, and a note) and `refer` by the model's referral rule (its measure
+above its threshold, selective.refer); an older model's [logits..., score] give the same
+severity fields with `uncertainty: null`, `uncertainty_reason` and `refer: false`. Every answer
+names the model and its `data_source`, with a `caveat` unless it was trained on Herlev.
+`OpenAPIDocs` gives /docs.json the project's title, version and description, and documents the
+400/413/415/503 answers with the ErrorResponse schema they really have. `use_project_store`:
+with no BENTOML_HOME, the service and `pap-severity bento import` use the project's
+bentoml_home/.
 
 Requests (hardening)
 --------------------
@@ -996,21 +1011,28 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
 
 __all__ = [
     "AttributionFractions",
+    "ERROR_STATUSES",
     "ErrorResponse",
     "ExplainResponse",
+    "HEATMAP_SIDE",
     "ModelInfo",
     "ModelRef",
+    "OpenAPIDocs",
     "PredictResponse",
     "ROUTES",
     "ReadinessGuard",
     "RequestError",
     "RouteSpec",
+    "SERVICE_DESCRIPTION",
+    "STORE_FOLDER",
     "ServedModel",
+    "Uncertainty",
     "UploadGuard",
     "UploadLimits",
     "batching_enabled",
     "bento_model_tag",
     "check_cell_size",
+    "data_caveat",
     "decode_cell",
     "decode_image",
     "decode_mask_upload",
@@ -1018,12 +1040,18 @@ __all__ = [
     "error_body",
     "error_response",
     "fractions_model",
+    "heatmap",
+    "info_from_mlflow",
     "load_served_model",
     "model_info",
     "off_palette_share",
+    "openapi_document",
     "predict_responses",
     "prediction_fields",
+    "prediction_rows",
+    "project_store",
     "serve_settings",
     "served_from_module",
     "set_pillow_limit",
+    "use_project_store",
 ]
