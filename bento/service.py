@@ -13,7 +13,12 @@ Two BentoML services (BentoML 1.4, `@bentoml.service` classes):
 
 The model is the BentoML model `pap-severity:latest` (PAP_SEVERITY_BENTO_MODEL overrides), put
 in the store by `pap-severity bento import` (pap_severity.bento_build.import_champion) from
-`models:/pap-severity@champion`. Nothing here copies preprocessing, decoding or IG code.
+`models:/pap-severity@champion`: the served fold ensemble (TTA, temperature, referral rule in its
+metadata), or an older single model, which answers with `uncertainty: null`. The store is
+BENTOML_HOME, else the project's bentoml_home/ (serving.use_project_store), so
+`cd bento && bentoml serve` needs no variable after `dvc repro`. GET /docs.json carries the
+project's title, version and description and the real error answers (serving.OpenAPIDocs).
+Nothing here copies preprocessing, decoding or IG code.
 `/readyz` answers within `serve.probe_timeout_ms` (503 while the model service is down or
 restarting; pap_severity.serving.ReadinessGuard).
 """
@@ -24,16 +29,24 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-import anyio
-import bentoml
-import numpy as np
-import torch
-from pydantic import Field
+from pap_severity.serving import use_project_store
 
-from pap_severity import explain as ig
-from pap_severity.serving import (
+# Before BentoML first opens its store: the project's bentoml_home/ when BENTOML_HOME is not set.
+use_project_store(Path(__file__).resolve().parent)
+
+import anyio  # noqa: E402
+import bentoml  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from pap_severity import __version__  # noqa: E402
+from pap_severity import explain as ig  # noqa: E402
+from pap_severity.serving import (  # noqa: E402
     ROUTES,
+    SERVICE_DESCRIPTION,
     ExplainResponse,
+    OpenAPIDocs,
     PredictResponse,
     ReadinessGuard,
     RequestError,
@@ -45,6 +58,7 @@ from pap_severity.serving import (
     decode_mask_upload,
     error_response,
     fractions_model,
+    heatmap,
     load_served_model,
     model_info,
     png_base64,
@@ -52,7 +66,7 @@ from pap_severity.serving import (
     serve_settings,
     set_pillow_limit,
 )
-from pap_severity.transforms import eval_transform
+from pap_severity.transforms import eval_transform  # noqa: E402
 
 log = logging.getLogger("pap_severity.service")
 
@@ -61,8 +75,6 @@ SERVE = CFG.serve
 LIMITS = UploadLimits.from_config(CFG)
 BATCHING = batching_enabled(SERVE)
 MODEL_TAG = bento_model_tag()
-# The heat map is enlarged to about this many pixels a side (nearest), so small inputs stay visible.
-HEATMAP_SIDE = 256
 
 set_pillow_limit(LIMITS)
 
@@ -132,6 +144,15 @@ class PapSeverityModel:
         }
 
 
+def _served_line() -> str:
+    """The model this server answers with, in words, for the OpenAPI description."""
+    info = model_info(bentoml.models.get(MODEL_TAG))
+    ens = info.ensemble
+    what = (f"{ens['members']} x {ens['member_arch']} ({ens['variant']}, TTA {ens['tta']})" if ens else info.arch)
+    return (f"{info.uri or info.name + ' v' + info.version} ({info.pipeline}, {what}; trained on {info.data_source}; "
+            f"BentoML model {info.bento_model})")
+
+
 ImageField = Annotated[Path, Field(description=(
     "One cell image, any format Pillow reads (BMP, PNG, JPEG, TIFF, ...); grayscale, RGBA, palette and "
     f"16-bit images are converted to RGB, and an EXIF orientation is applied. At most {LIMITS.max_upload_bytes} "
@@ -190,17 +211,18 @@ class PapSeverity:
 
     @bentoml.api(route="/predict")
     async def predict(self, image: ImageField) -> PredictResponse:
-        """Severity class, class probabilities, severity score 1..5 and p(abnormal) of one cell.
+        """Severity class, class probabilities, severity score 1..5, p(abnormal), the uncertainty of the fold
+        ensemble and whether to refer the cell to a cytologist, for one cell.
 
-        Errors: 4xx JSON {error, status, field}: 400 bad or missing input (not an image, too small, too
-        elongated), 413 too large, 415 not multipart.
+        Errors: JSON {error, status, field}: 400 bad or missing input (not an image, too small, too
+        elongated), 413 too large, 415 not multipart, 503 overloaded.
         """
         try:
             x, rotated = await anyio.to_thread.run_sync(self._prepare, image)
             outputs = await self._call("forward", x)
         except RequestError as exc:
             return error_response(exc)
-        return predict_responses(self.info.pipeline, outputs, self.ref, rotated)[0]
+        return predict_responses(self.info, outputs, rotated)[0]
 
     def _prepare_cell(self, image: Path, mask: Path | None) -> tuple[ig.Cell, bool]:
         im, rotated = decode_cell(image, LIMITS, "image")
@@ -210,11 +232,12 @@ class PapSeverity:
     @bentoml.api(route="/explain")
     async def explain(self, image: ImageField, mask: Path = Field(None, description=MASK_DESCRIPTION)
                       ) -> ExplainResponse:
-        """Integrated Gradients heat map (base64 PNG) of one cell, its severity score, and At_N / At_C
-        (plain and area-normalised) when the cell's mask is sent. Same code and settings as the reports.
+        """Integrated Gradients heat map (base64 PNG, with its colour scale) of the served model's (the fold
+        ensemble's) score for one cell, its prediction, and At_N / At_C (plain and area-normalised) when the
+        cell's mask is sent. Same code and settings as the reports.
 
-        Errors: 4xx JSON {error, status, field}: 400 bad or missing input (not an image, too small, too
-        elongated, a mask not in the Herlev colours), 413 too large, 415 not multipart.
+        Errors: JSON {error, status, field}: 400 bad or missing input (not an image, too small, too
+        elongated, a mask not in the Herlev colours), 413 too large, 415 not multipart, 503 overloaded.
         """
         try:
             cell, rotated = await anyio.to_thread.run_sync(self._prepare_cell, image, mask)
@@ -222,15 +245,14 @@ class PapSeverity:
         except RequestError as exc:
             return error_response(exc)
         am = ig.attribution_map(np.asarray(result["attributions"]))[0]
-        upscale = max(1, HEATMAP_SIDE // max(1, am.shape[0]))
-        png = ig.heatmap_png(cell.rgb, am, upscale=upscale)
-        pred = predict_responses(self.info.pipeline, np.asarray(result["outputs"]), self.ref, rotated)[0]
+        png = heatmap(cell.rgb, am)
+        pred = predict_responses(self.info, np.asarray(result["outputs"]), rotated)[0]
         relative = np.asarray(result["relative_delta"], dtype=np.float64)
         fractions = fractions_model(ig.attribution_fractions(am, cell.codes)) if cell.codes is not None else None
         return ExplainResponse(
+            **pred.model_dump(exclude={"model"}),
+            model=self.ref,
             heatmap_png=png_base64(png),
-            **{k: getattr(pred, k) for k in ("severity", "severity_index", "severity_score",
-                                             "abnormal_probability", "probabilities")},
             target=str(result["target"]),
             baseline=str(result["baseline"]),
             n_steps=CFG.explain.n_steps,
@@ -239,12 +261,12 @@ class PapSeverity:
             convergence_warning=ig.convergence_message(torch.from_numpy(relative), CFG.explain),
             image_size=int(am.shape[0]),
             fractions=fractions,
-            rotated=rotated,
-            model=self.ref,
         )
 
 
 PapSeverity.add_asgi_middleware(UploadGuard, max_upload_bytes=LIMITS.max_upload_bytes, routes=ROUTES)
+PapSeverity.add_asgi_middleware(OpenAPIDocs, title="pap-severity", version=__version__,
+                                description=lambda: f"{SERVICE_DESCRIPTION}\n\nServing {_served_line()}.")
 PapSeverity.add_asgi_middleware(ReadinessGuard, timeout_s=SERVE.probe_timeout_ms / 1000)
 
 __all__ = ["PapSeverity", "PapSeverityModel"]

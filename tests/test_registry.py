@@ -288,14 +288,23 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def register_project(root: Path, final: dict, tracking: str, metrics: dict) -> Path:
-    """A project folder holding what `pap-severity register -p combined` reads."""
-    for folder in ("data", "models/final", "metrics/final"):
+    """A project folder holding what `pap-severity register -p combined` reads: the served model (here
+    the final model alone, one member, as `ensemble.members: final` serves it) and its metrics."""
+    from pap_severity.trust import sha256
+
+    for folder in ("data", "models/final", "models/ensemble", "metrics/ensemble"):
         (root / folder).mkdir(parents=True)
     params = {"model": {"image_size": 32}, "mlflow": {"tracking_uri": tracking, "experiment": "registry-test"}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.copy(final["manifest_csv"], root / "data" / "manifest.csv")
-    shutil.copy(final["path"], root / "models" / "final" / "combined.pt")
-    (root / "metrics" / "final" / "combined.json").write_text(json.dumps(metrics))
+    member = root / "models" / "final" / "combined.pt"
+    shutil.copy(final["path"], member)
+    spec = {"version": 1, "pipeline": "combined", "variant": "final", "tta": "none", "temperature": 1.2,
+            "members": [{"path": "models/final/combined.pt", "sha256": sha256(member)}],
+            "referral": {"measure": "entropy", "threshold": 1.0, "max_rate": 0.2}, "image_size": 32, "arch": "resnet18"}
+    (root / "models" / "ensemble" / "combined.json").write_text(json.dumps(spec))
+    (root / "metrics" / "ensemble" / "combined.json").write_text(json.dumps({"served": "final",
+                                                                               "rows": {"final": metrics}}))
     return root
 
 
@@ -435,3 +444,66 @@ def test_serving_and_registry_do_not_import_training():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def write_served(root: Path, final: dict, tta: str = "dihedral8", accuracy: float = 0.6) -> dict:
+    """What the ensemble stage leaves for `register`: models/ensemble/combined.json (two members: the
+    trained model and a variant, with a temperature and a referral rule) and metrics/ensemble/combined.json,
+    whose served row differs from its single-model row."""
+    from pap_severity.trust import sha256
+
+    members = [final["path"], save_bundle(variant(final["bundle"], 50), root / "member1.pt")]
+    spec = {"version": 1, "pipeline": "combined", "variant": "ensemble_tta" if tta != "none" else "ensemble",
+            "members": [{"path": str(p), "sha256": sha256(Path(p))} for p in members], "tta": tta,
+            "temperature": 1.7, "referral": {"measure": "entropy", "threshold": 1.1, "max_rate": 0.2},
+            "image_size": 32, "arch": "resnet18"}
+    served, metrics = root / "models" / "ensemble", root / "metrics" / "ensemble"
+    served.mkdir(parents=True, exist_ok=True)
+    metrics.mkdir(parents=True, exist_ok=True)
+    (served / "combined.json").write_text(json.dumps(spec))
+    rows = {spec["variant"]: {"accuracy": accuracy, "mean_auc": 0.8, "mse": 1.0,
+                              "accuracy_at_coverage": {"0.8": 0.7, "0.9": 0.65}, "referral_measure": "entropy"},
+            "single": {"accuracy": {"mean": 0.9, "std": 0.0, "per_fold": [0.9]}, "mean_auc": 0.9, "mse": 0.5}}
+    (metrics / "combined.json").write_text(json.dumps({"served": spec["variant"], "rows": rows}))
+    return {"served": served, "metrics": metrics, "spec": spec}
+
+
+@pytest.mark.slow
+def test_register_stage_registers_the_served_ensemble_with_what_the_server_needs(final, tmp_path):
+    from pap_severity import stages
+    from pap_severity.ensemble import COLUMNS
+
+    cfg = config(tmp_path)
+    where = write_served(tmp_path, final)
+    kwargs = {"manifest": final["manifest_csv"], "served": where["served"], "metrics": where["metrics"],
+              "explain": tmp_path / "explain", "figures": tmp_path / "figures", "trust": tmp_path / "trust",
+              "out": tmp_path / "registry.json"}
+    [result] = stages.register(cfg, ("combined",), **kwargs)
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("pap-severity", result.version)
+    # The promotion rule read the served row (0.6), not the single model's (0.9).
+    assert version.tags["test_accuracy"] == "0.6" and result.promoted
+    assert client.get_run(result.run_id).data.metrics["test_accuracy_at_coverage_0.8"] == pytest.approx(0.7)
+    assert {k: version.tags[k] for k in ("members", "tta", "referral_measure", "served_variant")} == {
+        "members": "2", "tta": "dihedral8", "referral_measure": "entropy", "served_variant": "ensemble_tta"}
+    assert "synthetic data" in version.description and "2 x resnet18" in version.description
+    model, meta = load_champion(cfg)
+    assert meta["columns"] == list(COLUMNS) and meta["arch"] == "2 x resnet18"
+    assert meta["ensemble"] == {"members": 2, "member_arch": "resnet18", "tta": "dihedral8", "temperature": 1.7,
+                                "referral": where["spec"]["referral"], "variant": "ensemble_tta"}
+    x = torch.from_numpy(final["example"])
+    with torch.no_grad():
+        assert torch.allclose(model(x), stages.served_bundle(where["served"] / "combined.json").model(x), atol=1e-5)
+    # The same weights seen in one pose only are another model: a new version, judged on its own row.
+    write_served(tmp_path, final, tta="none", accuracy=0.4)
+    [again] = stages.register(cfg, ("combined",), **kwargs)
+    assert again.created and again.version != result.version and not again.promoted
+    assert "accuracy" in again.reason
+
+
+def test_register_stage_says_what_to_run_when_the_served_model_is_missing(tmp_path, synth_set):
+    from pap_severity import stages
+
+    with pytest.raises(FileNotFoundError, match=r"dvc repro ensemble@combined"):
+        stages.register(config(tmp_path), ("combined",), manifest=synth_set["manifest_csv"],
+                        served=tmp_path / "none", metrics=tmp_path / "none", out=tmp_path / "registry.json")

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -34,7 +36,7 @@ from pap_severity.data.manifest import build_manifest
 from pap_severity.data.masks import read_mask
 from pap_severity.data.splits import make_splits
 from pap_severity.data.synth import make_synthetic
-from pap_severity.pipelines import get_pipeline
+from pap_severity.ensemble import decode
 from pap_severity.serving import (
     RequestError,
     UploadLimits,
@@ -85,55 +87,99 @@ def server_params(root: Path, tracking_uri: str) -> Path:
     return path
 
 
+def ensemble_spec(root: Path, member: Path, cells) -> Path:
+    """A served-model spec (models/ensemble/<pipeline>.json, as the ensemble stage writes it) of two
+    members: the trained model and a copy with its head moved (so they disagree), the 8 poses, a
+    temperature, and a referral threshold at the median entropy of `cells` (some referred, some not)."""
+    from pap_severity.checkpoints import load_bundle, save_bundle
+    from pap_severity.stages import served_bundle
+    from pap_severity.trust import sha256
+
+    bundle, _ = load_bundle(member)
+    other = root / "combined-other.pt"
+    with torch.no_grad():
+        for p in list(bundle.model.parameters())[-2:]:  # the last layer
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_bundle(bundle, other)
+    spec = {"version": 1, "pipeline": "combined", "variant": "ensemble_tta",
+            "members": [{"path": str(p), "sha256": sha256(p)} for p in (member, other)], "tta": "dihedral8",
+            "temperature": 1.5, "referral": {"measure": "entropy", "threshold": 0.0, "max_rate": 0.2},
+            "image_size": 32, "arch": "resnet18"}
+    path = root / "combined.json"
+    path.write_text(json.dumps(spec))
+    served = served_bundle(path)
+    x = torch.stack([eval_transform(served.preprocess)(Image.open(p)) for p in cells["path"]])
+    with torch.no_grad():
+        spec["referral"]["threshold"] = float(decode(served.model(x), "combined").uncertainty["entropy"].median())
+    path.write_text(json.dumps(spec))
+    return path
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """A registry with an older single model (v1) and the served fold ensemble (v2, champion), both
+    imported into the project's BentoML store, and `bentoml serve` from the project's bento/ with no
+    BENTOML_HOME nor params variable: it finds the store and params.yaml beside bento/."""
     root = tmp_path_factory.mktemp("serving")
+    project = root / "project"
+    (project / "bento").mkdir(parents=True)
+    for name in ("service.py", "bentofile.yaml"):
+        shutil.copy2(BENTO_DIR / name, project / "bento" / name)
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    params = server_params(root, tracking)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "BENTOML_HOME": str(root / "bentoml"),
-           "PAP_SEVERITY_PARAMS": str(params), "BENTOML_DO_NOT_TRACK": "true",
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    env.pop("PAP_SEVERITY_BATCHING", None)
-    env.pop("PAP_SEVERITY_BENTO_MODEL", None)
+    params = server_params(project, tracking)
+    unset = ("BENTOML_HOME", "PAP_SEVERITY_PARAMS", "PAP_SEVERITY_BATCHING", "PAP_SEVERITY_BENTO_MODEL",
+             "MLFLOW_TRACKING_URI")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env |= {"BENTOML_DO_NOT_TRACK": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", tracking)
         mp.chdir(root)
         from pap_severity.config import load_config
         from pap_severity.registry import load_champion, register
+        from pap_severity.stages import served_bundle
         from pap_severity.training import train_final
 
         cfg = load_config(params)
         make_synthetic(root / "synth", per_class=4, size=32, seed=0, progress=False)
         manifest = build_manifest(root / "synth", progress=False)
         splits = make_splits(manifest, SplitConfig(folds=2, test_fraction=0.25, seed=0))
-        bundle = train_final(cfg, "combined", manifest, splits, root / "combined.pt", progress=False)
+        cells = manifest.sort_values("path").groupby("severity").head(1).reset_index(drop=True)
+        single = train_final(cfg, "combined", manifest, splits, root / "combined.pt", progress=False)
+        old = register(cfg, single, {"accuracy": 0.5}, data_source="synthetic")  # an older version: one model
+        spec = ensemble_spec(root, root / "combined.pt", cells)
+        bundle = served_bundle(spec)
         reg = register(cfg, bundle, {"accuracy": 0.5}, data_source="synthetic")
+        assert reg.promoted and reg.version != old.version
         loaded = load_champion(cfg)
 
     imported = subprocess.run(
         [sys.executable, "-c", "import sys; from pap_severity.config import load_config; "
-         "from pap_severity.bento_build import import_champion; print(import_champion(load_config(sys.argv[1])))",
-         str(params)], env=env, capture_output=True, text=True, timeout=300)
+         "from pap_severity.bento_build import import_champion; cfg = load_config(sys.argv[1]); "
+         "[print(import_champion(cfg, version=v)) for v in sys.argv[2:]]",
+         str(params), old.version, reg.version],
+        cwd=project, env={**env, "MLFLOW_TRACKING_URI": tracking}, capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr[-3000:]
-    tag = imported.stdout.strip().splitlines()[-1]
+    old_tag, tag = imported.stdout.strip().splitlines()[-2:]
+    assert (project / "bentoml_home" / "models" / "pap-severity").is_dir()  # the project's store, by default
 
-    proc, url, log = start_server(env, root / "serve.log")
+    proc, url, log = start_server(env, root / "serve.log", project / "bento")
     client = httpx.Client(base_url=url, timeout=120)
     try:
-        cells = manifest.sort_values("path").groupby("severity").head(1).reset_index(drop=True)
-        yield {"url": url, "client": client, "cfg": cfg, "bundle": bundle, "loaded": loaded, "reg": reg,
-               "tag": tag, "cells": cells, "log": root / "serve.log", "root": root, "proc": proc, "env": env}
+        yield {"url": url, "client": client, "cfg": cfg, "bundle": bundle, "loaded": loaded, "reg": reg, "old": old,
+               "tag": tag, "old_tag": old_tag, "spec": json.loads(spec.read_text()), "cells": cells,
+               "log": root / "serve.log", "root": root, "project": project, "proc": proc, "env": env,
+               "tracking": tracking, "params": params}
     finally:
         client.close()
         stop_server(proc)
         log.close()
 
 
-def start_server(env: dict, log_path: Path) -> tuple[subprocess.Popen, str, object]:
-    """`bentoml serve` from bento/ on a free loopback port, once /readyz says 200: (process, url, log file)."""
+def start_server(env: dict, log_path: Path, bento_dir: Path = BENTO_DIR) -> tuple[subprocess.Popen, str, object]:
+    """`bentoml serve` from a bento/ folder on a free loopback port, once /readyz says 200: (process, url, log file)."""
     port = free_port()
     log = log_path.open("w")
-    proc = subprocess.Popen([str(BENTOML), "serve", "--port", str(port)], cwd=BENTO_DIR, env=env,
+    proc = subprocess.Popen([str(BENTOML), "serve", "--port", str(port)], cwd=bento_dir, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -172,21 +218,30 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def in_process(served, image: Image.Image):
-    """The registered model, loaded in this process, on the training preprocessing of `image`."""
-    model, meta = served["loaded"]
-    x = eval_transform(meta["preprocess"])(image)[None]
+    """The served fold ensemble, built in this process from its spec, on the cell's preprocessing."""
+    bundle = served["bundle"]
+    x = eval_transform(bundle.preprocess)(image)[None]
     with torch.no_grad():
-        out = model(x)
-    return get_pipeline(meta["pipeline"]).decode(out)
+        return decode(bundle.model(x), "combined")
 
 
-def assert_matches(body: dict, pred, i: int = 0) -> None:
+def assert_matches(body: dict, pred, spec: dict, i: int = 0) -> None:
+    """A /predict (or /explain) answer holds the ensemble's numbers for row i, and its referral decision."""
     probs = [body["probabilities"][name] for name in SEVERITY_NAMES]
     assert np.allclose(probs, pred.probs[i].numpy(), atol=TOL, rtol=0), (probs, pred.probs[i])
     assert abs(body["severity_score"] - float(pred.score[i])) <= TOL
     assert body["severity_index"] == int(pred.label[i])
     assert body["severity"] == SEVERITY_NAMES[int(pred.label[i])]
     assert abs(body["abnormal_probability"] - (1 - float(pred.probs[i, 0]))) <= TOL
+    u = body["uncertainty"]
+    for name in ("entropy", "score_std", "mutual_info", "disagreement"):
+        assert u[name] is not None and abs(u[name] - float(pred.uncertainty[name][i])) <= 1e-4, (name, u)
+    assert u["members"] == 2 and u["tta"] == "dihedral8" and u["note"] is None
+    assert body["uncertainty_reason"] is None
+    rule = spec["referral"]
+    assert body["refer"] is bool(float(pred.uncertainty[rule["measure"]][i]) > rule["threshold"])
+    assert (body["refer_reason"] is not None) == body["refer"]
+    assert body["model"]["data_source"] == "synthetic" and "synthetic" in body["model"]["caveat"]
 
 
 def post_image(served, data: bytes, name: str = "cell.bmp", route: str = "/predict", **extra) -> httpx.Response:
@@ -219,6 +274,30 @@ def test_health_and_metrics(served):
     assert 'endpoint="/predict"' in metrics.text and "bentoml_service_request" in metrics.text
 
 
+def test_serves_the_projects_store_with_no_variable(served):
+    """The server was started from the project's bento/ with no BENTOML_HOME: it serves the model that exists
+    only in <project>/bentoml_home, and says which."""
+    assert "BENTOML_HOME" not in served["env"] and "PAP_SEVERITY_PARAMS" not in served["env"]
+    version = served["tag"].split(":")[1]
+    assert (served["project"] / "bentoml_home" / "models" / "pap-severity" / version).is_dir()
+    body = post_image(served, good_cell(served).read_bytes()).json()
+    assert body["model"]["bento_model"] == served["tag"]
+
+
+def test_the_project_store_and_the_bento_record(tmp_path):
+    from pap_severity.bento_build import bento_record
+    from pap_severity.serving import project_store
+
+    (tmp_path / "bento").mkdir()
+    assert project_store(tmp_path / "bento") is None  # not a project's bento/: BentoML's default holds
+    (tmp_path / "bento" / "bentofile.yaml").write_text("service: service:PapSeverity\n")
+    assert project_store(tmp_path / "bento") == tmp_path.resolve() / "bentoml_home"
+    own = bento_record("pap-severity:x", home=tmp_path / "bentoml_home", project=tmp_path)
+    assert own == {"bento": "pap-severity:x", "bentoml_home": "../bentoml_home", "serve": "cd bento && bentoml serve"}
+    other = bento_record("pap-severity:x", home=tmp_path / "elsewhere", project=tmp_path)
+    assert other["serve"] == "cd bento && BENTOML_HOME=../elsewhere bentoml serve"
+
+
 def test_binds_loopback_by_default(served):
     assert f"listening on http://127.0.0.1:{served['url'].rsplit(':', 1)[1]}" in served["log"].read_text()
 
@@ -233,9 +312,10 @@ def test_openapi_documents_every_field(served):
     spec = served["client"].get("/docs.json").json()
     for route, inputs, output_fields in (
         ("/predict", {"image"}, {"severity", "severity_index", "probabilities", "severity_score",
-                                 "abnormal_probability", "rotated", "model"}),
+                                 "abnormal_probability", "rotated", "model", "uncertainty", "uncertainty_reason",
+                                 "refer", "refer_reason"}),
         ("/explain", {"image", "mask"}, {"heatmap_png", "severity_score", "fractions", "convergence_warning",
-                                         "rotated", "model"}),
+                                         "rotated", "model", "uncertainty", "refer", "refer_reason"}),
     ):
         op = spec["paths"][route]["post"]
         assert op.get("description")
@@ -246,9 +326,40 @@ def test_openapi_documents_every_field(served):
         out = _properties(spec, op["responses"]["200"]["content"]["application/json"]["schema"])
         assert output_fields <= set(out)
         assert all(p.get("description") for p in out.values()), [k for k, p in out.items() if not p.get("description")]
-    for name in ("ModelRef", "AttributionFractions"):
+        # Every error status these routes answer, with the body they really send.
+        responses = op["responses"]
+        for status in ("400", "413", "415", "503"):
+            assert responses[status].get("description"), status
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse", (status, ref)
+        assert "404" not in responses
+    for name in ("ModelRef", "AttributionFractions", "Uncertainty"):
         fields = spec["components"]["schemas"][name]["properties"]
         assert all(p.get("description") for p in fields.values()), name
+    assert set(spec["components"]["schemas"]["ErrorResponse"]["properties"]) == {"error", "status", "field"}
+    assert {"score_std", "entropy", "mutual_info", "disagreement"} <= set(
+        spec["components"]["schemas"]["Uncertainty"]["properties"])
+
+
+def test_openapi_metadata_comes_from_the_project(served):
+    from pap_severity import __version__
+
+    info = served["client"].get("/docs.json").json()["info"]
+    assert info["title"] == "pap-severity" and info["version"] == __version__
+    assert "Pap smear" in info["description"] and "BentoML Team" not in json.dumps(info)
+    assert f"models:/pap-severity/{served['reg'].version}" in info["description"]
+    assert "synthetic" in info["description"]
+
+
+def test_the_real_error_body_matches_the_documented_schema(served):
+    spec = served["client"].get("/docs.json").json()
+    documented = set(spec["components"]["schemas"]["ErrorResponse"]["properties"])
+    for route, kwargs, status in (("/predict", {"files": {"image": ("x.bmp", b"nope", "image/bmp")}}, 400),
+                                  ("/predict", {"json": {"image": "x"}}, 415),
+                                  ("/predict", {"files": {"image": ("x", b"B" * (MAX_UPLOAD + 10), "image/bmp")}},
+                                   413)):
+        r = served["client"].post(route, **kwargs)
+        assert r.status_code == status and set(r.json()) == documented, (status, r.text)
 
 
 def test_predict_equals_in_process_model(served):
@@ -258,7 +369,7 @@ def test_predict_equals_in_process_model(served):
         r = post_image(served, data)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert_matches(body, in_process(served, Image.open(io.BytesIO(data))))
+        assert_matches(body, in_process(served, Image.open(io.BytesIO(data))), served["spec"])
         assert body["model"]["name"] == "pap-severity"
         assert body["model"]["version"] == reg.version
         assert body["model"]["uri"] == f"models:/pap-severity/{reg.version}"
@@ -275,7 +386,7 @@ def test_concurrent_requests_are_batched(served):
             responses = list(pool.map(lambda p: post_image(served, p.read_bytes()), paths))
         for path, r in zip(paths, responses):
             assert r.status_code == 200, r.text
-            assert_matches(r.json(), in_process(served, Image.open(path)))
+            assert_matches(r.json(), in_process(served, Image.open(path)), served["spec"])
         text = served["client"].get("/metrics").text
         sums = [float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith("bentoml_service_adaptive_batch_size_sum") and "forward" in line]
@@ -313,7 +424,7 @@ def test_image_modes_are_converted(served, mode):
         data = png_bytes(rgb.convert(mode))
     r = post_image(served, data, name=f"cell-{mode}.png")
     assert r.status_code == 200, r.text
-    assert_matches(r.json(), in_process(served, Image.open(io.BytesIO(data))))
+    assert_matches(r.json(), in_process(served, Image.open(io.BytesIO(data))), served["spec"])
 
 
 def _png_image(b64: str) -> Image.Image:
@@ -339,8 +450,10 @@ def test_explain_without_mask(served):
     assert r.status_code == 200, r.text
     body = r.json()
     heat = _png_image(body["heatmap_png"])
-    assert heat.format == "PNG" and heat.size == (256, 256)
+    # The 256 px overlay with its colour scale at the right.
+    assert heat.format == "PNG" and heat.size == (256 + ig.heatmap.COLORBAR_PX, 256)
     assert body["fractions"] is None
+    assert_matches(body, in_process(served, Image.open(path)), served["spec"])
     assert body["image_size"] == 32 and body["baseline"] == "white" and body["n_steps"] == 50
     assert body["model"]["version"] == served["reg"].version
     pred = in_process(served, Image.open(path))
@@ -390,7 +503,7 @@ def test_exif_orientation_is_applied_and_reported(served):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["rotated"] is True
-    assert_matches(body, in_process(served, shown))
+    assert_matches(body, in_process(served, shown), served["spec"])
     r = post_image(served, data, name="sideways.jpg", route="/explain")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -398,6 +511,87 @@ def test_exif_orientation_is_applied_and_reported(served):
     _, result, _ = _in_process_ig(served, shown)
     assert abs(body["severity_score"] - float(result.outputs[0, -1])) <= TOL
     assert abs(body["convergence_delta"] - float(result.delta[0])) <= 1e-4
+
+
+def test_the_mlflow_pyfunc_model_of_the_champion_gives_the_served_numbers(served, monkeypatch):
+    """models:/pap-severity@champion through MLflow's generic pyfunc loader (pt2 inside) answers what /predict does."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served["tracking"])
+    model = mlflow.pyfunc.load_model("models:/pap-severity@champion")
+    pre = served["loaded"][1]["preprocess"]
+    for path in served["cells"]["path"]:
+        x = eval_transform(pre)(Image.open(path))[None].numpy()
+        body = post_image(served, Path(path).read_bytes()).json()
+        assert_matches(body, decode(torch.from_numpy(np.asarray(model.predict(x))), "combined"), served["spec"])
+
+
+def test_an_older_model_without_members_serves_with_uncertainty_null(served):
+    """v1, registered before the ensemble (one model, no members, no temperature), loads and answers
+    through the server's own code, with `uncertainty: null` and the reason, and no referral."""
+    import bentoml
+    from bentoml._internal.models import ModelStore
+
+    from pap_severity.serving import load_served_model, predict_responses
+
+    store = ModelStore(served["project"] / "bentoml_home" / "models")
+    model = load_served_model(bentoml.models.get(served["old_tag"], _model_store=store), "cpu")
+    assert model.info.ensemble is None and model.info.version == served["old"].version
+    x = torch.stack([eval_transform(model.info.preprocess)(Image.open(p)) for p in served["cells"]["path"]]).numpy()
+    answers = predict_responses(model.info, model.forward(x))
+    single = model.bundle.pipeline.decode(torch.from_numpy(model.forward(x)))
+    for i, answer in enumerate(answers):
+        assert answer.uncertainty is None and "without ensemble members" in answer.uncertainty_reason
+        assert answer.refer is False and answer.refer_reason is None
+        assert abs(answer.severity_score - float(single.score[i])) <= TOL
+        assert answer.model.data_source == "synthetic"
+
+
+def test_predict_command_gives_the_servers_numbers(served, tmp_path):
+    """`pap-severity predict` on a folder (cells, their masks, a broken file) and on one file: per cell the
+    numbers /predict answers, the heat maps and At_N / At_C of /explain, and a refused file as a row."""
+    from typer.testing import CliRunner
+
+    from pap_severity.cli import app
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    for path in map(Path, served["cells"]["path"]):
+        for f in (path, path.with_name(path.stem + "-d.bmp")):
+            shutil.copy2(f, folder / f.name)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "answers.csv"
+    done = CliRunner().invoke(app, ["predict", str(folder), "--out", str(out), "--explain", "--mask-suffix", "-d",
+                                    "--params", str(served["params"])])
+    assert done.exit_code == 0, done.output
+    table = pd.read_csv(out).set_index("path")
+    cells = sorted(p for p in folder.iterdir() if not p.stem.endswith("-d") and p.name != "broken.png")
+    assert set(table.index) == {str(p) for p in cells} | {str(folder / "broken.png")}  # masks are not cells
+    assert "not an image" in table.loc[str(folder / "broken.png"), "error"]
+    for path in cells:
+        row = table.loc[str(path)]
+        body = post_image(served, path.read_bytes()).json()
+        for name in SEVERITY_NAMES:
+            assert abs(row[f"p_{name}"] - body["probabilities"][name]) <= TOL
+        assert abs(row["severity_score"] - body["severity_score"]) <= TOL and row["severity"] == body["severity"]
+        for name in ("entropy", "score_std", "mutual_info", "disagreement"):
+            assert abs(row[name] - body["uncertainty"][name]) <= TOL, name
+        assert bool(row["refer"]) is body["refer"] and row["model_uri"] == body["model"]["uri"]
+        assert Image.open(row["heatmap"]).size == (256 + ig.heatmap.COLORBAR_PX, 256)
+    mask = cells[0].with_name(cells[0].stem + "-d.bmp")
+    explained = post_image(served, cells[0].read_bytes(), route="/explain",
+                           mask=(mask.name, mask.read_bytes(), "image/bmp")).json()
+    for key in ("at_n", "at_c", "at_n_norm", "at_c_norm"):
+        assert abs(table.loc[str(cells[0]), key] - explained["fractions"][key]) <= 1e-4, key
+
+    # An older version by its URI: the same cell, no uncertainty, and the reason.
+    old = tmp_path / "old.csv"
+    done = CliRunner().invoke(app, ["predict", str(cells[0]), "--out", str(old), "--model-uri",
+                                    f"models:/pap-severity/{served['old'].version}", "--params", str(served["params"])])
+    assert done.exit_code == 0, done.output
+    row = pd.read_csv(old).iloc[0]
+    assert "without ensemble members" in row["uncertainty_reason"] and pd.isna(row["entropy"])
+    assert row["model_uri"] == f"models:/pap-severity/{served['old'].version}"
 
 
 # --------------------------------------------------------------------------------------
@@ -616,7 +810,7 @@ def _model_worker(proc: subprocess.Popen) -> psutil.Process:
 def test_readyz_is_503_while_the_model_worker_restarts_and_sigterm_still_stops_the_server(served):
     """A model worker killed: /readyz answers 503 within serve.probe_timeout_ms, 200 once a new worker
     is up; and a probe sent while the worker is down never keeps SIGTERM from stopping the server."""
-    proc, url, log = start_server(served["env"], served["root"] / "serve-restart.log")
+    proc, url, log = start_server(served["env"], served["root"] / "serve-restart.log", served["project"] / "bento")
     try:
         worker = _model_worker(proc)
         worker.kill()
@@ -666,8 +860,8 @@ def test_bentoml_build_works_offline(served, tmp_path):
     wheel = build_wheel(ctx / "wheels")
     config = yaml.safe_load((ctx / "bentofile.yaml").read_text())
     assert f"./wheels/{wheel.name}" in config["python"]["wheels"], "bentofile.yaml names another wheel version"
-    env = {**os.environ, "BENTOML_HOME": str(served["root"] / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "PAP_SEVERITY_PARAMS": str(served["root"] / "params.yaml"),
+    env = {**os.environ, "BENTOML_HOME": str(served["project"] / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "true",
+           "PAP_SEVERITY_PARAMS": str(served["params"]),
            # Any attempt to reach the package index fails at once.
            "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "UV_INDEX_URL": "http://127.0.0.1:9/simple",
            "UV_OFFLINE": "1", "PIP_NO_INDEX": "1"}
@@ -681,7 +875,7 @@ def test_bentoml_build_works_offline(served, tmp_path):
     bento = json.loads(info.stdout)
     models = {m["tag"] for svc in bento["services"] for m in svc.get("models", [])}
     assert served["tag"] in models
-    path = served["root"] / "bentoml" / "bentos" / tag.replace(":", "/")
+    path = served["project"] / "bentoml_home" / "bentos" / tag.replace(":", "/")
     assert (path / "env" / "python" / "wheels" / wheel.name).is_file()
     assert not (path / "env" / "python" / "requirements.lock.txt").exists()
 

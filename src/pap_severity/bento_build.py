@@ -3,7 +3,9 @@ registry into the BentoML model store, the package wheel, `bentoml build`, and t
 
 - `import_champion(cfg)` (CLI: `pap-severity bento import`) copies the registered version that
   holds `registry.alias` (`models:/pap-severity@champion`) into the local BentoML model store
-  (BENTOML_HOME) with `bentoml.mlflow.import_model`, as `pap-severity:v<version>-<content hash>`,
+  (BENTOML_HOME; when it is not set, the project's bentoml_home/, which `cd bento && bentoml serve`
+  then finds by itself: serving.use_project_store) with `bentoml.mlflow.import_model`, as
+  `pap-severity:v<version>-<content hash>`,
   with the registered name, version, run id, pipeline, architecture and preprocessing in its
   labels and metadata (what `serving.model_info` reads). The service declares
   `bentoml.models.BentoModel("pap-severity:latest")`, so `bentoml build` records that exact tag
@@ -48,6 +50,9 @@ def import_champion(cfg: Config, name: str | None = None, *, alias: str | None =
     The tag is `<name>:v<version>-<content hash[:12]>`. A tag already in the store is replaced,
     so that it becomes `<name>:latest`, the model the service serves by default.
     """
+    from pap_severity.serving import use_project_store
+
+    use_project_store(project_root() / "bento")
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -77,6 +82,8 @@ def import_champion(cfg: Config, name: str | None = None, *, alias: str | None =
             "data_source": str(mv.tags.get("data_source", "unknown")),
             "content_hash": digest[:12] or "unknown",
         }
+        ensemble = meta.get("ensemble")  # registry.served_metadata; absent for an older single model
+        labels["served"] = str(ensemble["variant"]) if ensemble else "single"
         metadata = {
             "registered_model": name,
             "registered_version": str(mv.version),
@@ -90,6 +97,7 @@ def import_champion(cfg: Config, name: str | None = None, *, alias: str | None =
             "score_column": int(meta.get("score_column", -1)),
             "content_hash": digest,
             "data_source": str(mv.tags.get("data_source", "unknown")),
+            "ensemble": json.dumps(ensemble) if ensemble else "",
         }
         saved = bentoml.mlflow.import_model(tag, local, labels=labels, metadata=metadata)
     return saved.tag
@@ -135,9 +143,12 @@ def build_bento(project: str | Path | None = None):
     Needs the model in the BentoML store (import_champion) and no network."""
     import contextlib
 
-    import bentoml
+    from pap_severity.serving import use_project_store
 
     project = project_root(project)
+    use_project_store(project / "bento")
+    import bentoml
+
     build_wheel(project=project)
     ctx = (project / "bento").resolve()
     # bentoml resolves python.wheels against the working directory, not build_ctx.
@@ -150,13 +161,18 @@ def bento_record(tag, home: str | Path | None = None, project: str | Path | None
     """reports/bento.json: the bento tag, its BentoML store, and the command that serves it from bento/.
 
     The store (BENTOML_HOME, else ~/bentoml) is written relative to bento/ when it lies inside
-    the project, so the record holds on another checkout of the same project."""
+    the project, so the record holds on another checkout of the same project; the project's own
+    store (serving.project_store) needs no variable to serve."""
+    from pap_severity.serving import project_store
+
     home = Path(home if home is not None else os.environ.get("BENTOML_HOME", BENTOML_HOME_DEFAULT)).expanduser()
     project = Path(project) if project is not None else Path.cwd()
+    own = project_store(project / "bento")
+    serve = "cd bento && bentoml serve" if own is not None and home.resolve() == own else None
     if home.is_absolute() and home.is_relative_to(project):
         home = Path("..") / home.relative_to(project)
     return {"bento": str(tag), "bentoml_home": home.as_posix(),
-            "serve": f"cd bento && BENTOML_HOME={home.as_posix()} bentoml serve"}
+            "serve": serve or f"cd bento && BENTOML_HOME={home.as_posix()} bentoml serve"}
 
 
 __all__ = ["PROJECT_ROOT", "bento_record", "build_bento", "build_wheel", "import_champion", "project_root"]

@@ -455,7 +455,7 @@ def register(
     pipeline: Annotated[Optional[list[str]], typer.Option("--pipeline", "-p", help="only these pipelines [default: train.pipelines]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Register the final models in the MLflow Model Registry; the promotion rule moves @champion."""
+    """Register each pipeline's served model (fold ensemble or final model, models/ensemble/<pipeline>.json) in the MLflow Model Registry; the promotion rule, on its test metrics, moves @champion."""
     from pap_severity import stages
 
     cfg = _config(params)
@@ -470,6 +470,32 @@ def register(
             typer.echo(f"{r.name} v{r.version}: not {alias} ({r.reason})")
         if r.missing_artifacts:
             typer.echo(f"  missing artifacts: {', '.join(map(str, r.missing_artifacts))}")
+
+
+@app.command("predict")
+@clean_errors
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="cell images, or folders searched at any depth")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write: one row per cell")],
+    model_uri: Annotated[Optional[str], typer.Option(
+        "--model-uri", help="models:/<name>/<version> or models:/<name>@<alias> "
+                            "(default: the champion, models:/<registry.model_name>@<registry.alias>)")] = None,
+    mask_suffix: Annotated[str, typer.Option(
+        "--mask-suffix", help="a file <cell stem><suffix>.<image suffix> is that cell's mask, never a cell")] = "-d",
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="also write IG heat maps (<out>_heatmaps/) and At_N / At_C where a mask exists")] = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Batch prediction with no server: the champion's (or --model-uri's) answers for images or folders, the numbers /predict gives."""
+    from pap_severity.batch_predict import predict_paths
+
+    cfg = _config(params)
+    table = predict_paths(cfg, paths, out, model_uri=model_uri, mask_suffix=mask_suffix, explain=explain,
+                          device=cfg.serve.device)
+    refused = int(table["error"].notna().sum())
+    referred = int(table["refer"].fillna(False).astype(bool).sum()) if "refer" in table else 0
+    typer.echo(f"wrote {out}: {len(table) - refused} cells, {referred} referred to a cytologist"
+               + (f", {refused} refused (see the error column)" if refused else ""))
 
 
 @app.command("report")
@@ -488,7 +514,7 @@ def bento_import(
     alias: Annotated[Optional[str], typer.Option(help="registry alias [params: registry.alias]")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Copy models:/<registry.model_name>@<alias> into the BentoML model store (BENTOML_HOME)."""
+    """Copy models:/<registry.model_name>@<alias> into the BentoML model store (BENTOML_HOME, else the project's bentoml_home/)."""
     from pap_severity.bento_build import import_champion
 
     tag = import_champion(_config(params), alias=alias, version=version)
@@ -516,7 +542,7 @@ def bento_build(
     tag = build_bento()
     if record is not None:
         write_json(bento_record(tag), record)
-    typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve (with the same BENTOML_HOME)")
+    typer.echo(f"built bento {tag}; serve it: cd bento && bentoml serve")
 
 
 def main() -> None:  # pragma: no cover - the console script entry

@@ -1,11 +1,20 @@
-"""The MLflow Model Registry: final models, the promotion rule, the `champion` alias.
+"""The MLflow Model Registry: served models, the promotion rule, the `champion` alias.
+
+What is registered is a pipeline's served model (stages.served_bundle of
+models/ensemble/<pipeline>.json): the fold ensemble (or the final model) with its dihedral TTA,
+its temperature and its referral rule, as ONE nn.Module (pap_severity.ensemble.FoldEnsemble). Its
+MLflow model metadata (`served_metadata`) carries the output columns and `ensemble` {members,
+member_arch, tta, temperature, referral {measure, threshold, max_rate}, variant}, so the server
+and `pap-severity predict` rebuild it and decide referral; the version's tags repeat them for the
+UI. A bare model (a bundle without a served spec, as older versions were) registers and serves
+too, without uncertainty.
 
 - Names: the pipeline `registry.pipeline` (combined) is registered as
   `registry.model_name` ("pap-severity"); every other pipeline as
   `<model_name>-<pipeline>` ("pap-severity-classification", ...), so the UI compares them.
 - Each registration is one MLflow run, `register-<pipeline>`, in the `mlflow.experiment`
-  experiment, holding: the settings as params; the final model's test metrics as
-  `test_<metric>`; the files given (figures, the IG report: report.html,
+  experiment, holding: the settings as params; the served model's test metrics (its row of
+  metrics/ensemble/<pipeline>.json) as `test_<metric>`; the files given (figures, the IG report: report.html,
   attributions.csv, summary.json), under their project-relative folder, with the missing
   ones named in the tag `missing_artifacts`; `reference/reference_io.npz` (inputs and the
   outputs the model gave them, to check any later load); and the model itself, logged by
@@ -53,8 +62,9 @@
 - The loaded model is a torch.export module in inference mode (BatchNorm uses its running
   statistics): call it, under torch.no_grad(), but never `.eval()`/`.train()` (torch
   raises "Calling eval() is not supported yet"). Input: preprocessed cells
-  [N, 3, S, S] float32 (any N); output [N, K+1] (logits, then the score in the last
-  column: metadata `score_column`); decode with `pipelines.get_pipeline(meta["pipeline"]).decode`.
+  [N, 3, S, S] float32 (any N); output: a served model's ensemble.COLUMNS (metadata `columns`;
+  decode with `ensemble.decode(out, meta["pipeline"])`), or an older bare model's [N, K+1]
+  (logits, then the score: decode with `pipelines.get_pipeline(meta["pipeline"]).decode`).
 - Every lookup here goes through an MlflowClient of `tracking.tracking_uri(cfg)` for
   tracking and registry both; the fluent registry URI is never set (it would leak into
   later calls in the process). Plain `mlflow.pytorch.load_model("models:/pap-severity@champion")`
@@ -118,11 +128,34 @@ def explain_artifacts(pipeline: str, reports: str | Path = "reports") -> list[Pa
     return [Path(reports) / "explain" / pipeline / name for name in EXPLAIN_FILES]
 
 
+def served_metadata(bundle: ModelBundle) -> dict:
+    """What a served model (stages.served_bundle: a fold ensemble, or the final model, with TTA, a
+    temperature and a referral rule) adds to the MLflow model's metadata, so that whoever loads it
+    (the server, `pap-severity predict`) rebuilds and reads it and decides referral: the output
+    columns, and `ensemble` {members, member_arch, tta, temperature, referral {measure,
+    threshold, max_rate}, variant}. {} for a bare model (no `served` spec in its meta)."""
+    from pap_severity.ensemble import COLUMNS
+
+    spec = (bundle.meta or {}).get("served")
+    if not spec:
+        return {}
+    return {
+        "output": f"one float32 tensor [N, {len(COLUMNS)}]: {', '.join(COLUMNS)} (pap_severity.ensemble)",
+        "columns": list(COLUMNS),
+        "ensemble": {"members": len(spec["members"]), "member_arch": spec["arch"], "tta": spec["tta"],
+                     "temperature": float(spec["temperature"]), "referral": dict(spec["referral"]),
+                     "variant": spec["variant"]},
+    }
+
+
 def content_hash(bundle: ModelBundle) -> str:
-    """sha256 of what the model computes: pipeline, architecture, preprocessing, weights."""
+    """sha256 of what the model computes: pipeline, architecture, preprocessing, weights, and for a
+    served model its poses and referral rule (neither is a weight)."""
     h = hashlib.sha256()
+    served = served_metadata(bundle).get("ensemble")
     h.update(json.dumps({"pipeline": bundle.pipeline.name, "arch": bundle.arch,
-                         "preprocess": json.loads(bundle.preprocess.to_json())}, sort_keys=True).encode())
+                         "preprocess": json.loads(bundle.preprocess.to_json()),
+                         **({"served": served} if served else {})}, sort_keys=True).encode())
     for key, tensor in sorted(bundle.model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"\n{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -131,11 +164,15 @@ def content_hash(bundle: ModelBundle) -> str:
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """The numeric metrics of a dict: plain numbers, or the `mean` of {mean, std, per_fold}."""
+    """The numeric metrics of a dict: plain numbers, or the `mean` of {mean, std, per_fold}; a dict
+    of numbers (accuracy_at_coverage {0.8: ..}) gives one metric each (accuracy_at_coverage_0.8)."""
     out = {}
     for key, value in metrics.items():
         if isinstance(value, dict) and "mean" in value:
             value = value["mean"]
+        elif isinstance(value, dict):
+            out.update({f"{key}_{k}": v for k, v in scalar_metrics(value).items()})
+            continue
         if value is None:
             value = float("nan")
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -392,6 +429,27 @@ def load_champion(cfg: Config, name: str | None = None) -> tuple[torch.nn.Module
 # --------------------------------------------------------------------------------------
 
 
+def served_tags(served: dict) -> dict[str, str]:
+    """Model-version tags of a served model's ensemble metadata (served_metadata), for the UI."""
+    ens = served.get("ensemble")
+    if not ens:
+        return {}
+    return {"served_variant": ens["variant"], "members": str(ens["members"]), "tta": ens["tta"],
+            "temperature": f"{ens['temperature']:.6g}", "referral_measure": ens["referral"]["measure"],
+            "referral_threshold": f"{ens['referral']['threshold']:.6g}"}
+
+
+def version_description(bundle: ModelBundle, served: dict, data_source: str) -> str:
+    """What a version is, in words, naming the data it was trained on."""
+    from pap_severity.evaluation import DATA_SOURCES
+
+    ens = served.get("ensemble")
+    what = (f"{bundle.pipeline.name}: {ens['members']} x {ens['member_arch']} ({ens['variant']}), TTA {ens['tta']}, "
+            f"temperature {ens['temperature']:.3g}, refers cells with {ens['referral']['measure']} > "
+            f"{ens['referral']['threshold']:.3g}" if ens else f"{bundle.pipeline.name}: one {bundle.arch} model")
+    return f"{what}. Trained and measured on {DATA_SOURCES.get(data_source, data_source)}."
+
+
 def _artifact_dir(folder: Path) -> str:
     """Where a folder's files go in the run: its project-relative path (reports/explain/combined),
     or `files/<name>` for a folder outside the project."""
@@ -500,7 +558,8 @@ def _register_locked(cfg: Config, bundle: ModelBundle, digest: str, metrics: dic
             ref = Path(tmp) / Path(REFERENCE_ARTIFACT).name
             np.savez(ref, inputs=inputs, outputs=outputs)
             mlflow.log_artifact(str(ref), artifact_path=str(Path(REFERENCE_ARTIFACT).parent))
-        model_uri = tracker.log_model(bundle, input_example=inputs)
+        served = served_metadata(bundle)
+        model_uri = tracker.log_model(bundle, input_example=inputs, metadata=served)
 
     version_tags = {
         "content_hash": digest,
@@ -509,6 +568,7 @@ def _register_locked(cfg: Config, bundle: ModelBundle, digest: str, metrics: dic
         "git_commit": tracker.tags["git_commit"],
         "params_hash": tracker.tags["params_hash"],
         **{f"test_{k}": f"{values[k]:.6g}" for k in HEADLINE if k in values},
+        **served_tags(served),
     }
     if missing:
         version_tags["missing_artifacts"] = ", ".join(missing)
@@ -518,14 +578,16 @@ def _register_locked(cfg: Config, bundle: ModelBundle, digest: str, metrics: dic
         try:
             client.create_registered_model(
                 name, tags={"pipeline": pipeline},
-                description=f"pap-severity {pipeline} pipeline: Herlev cell severity (5 classes) and score 1..5",
+                description=f"pap-severity {pipeline} pipeline: Pap smear cell severity (5 classes) and score "
+                            "1..5; each version's description names the data it was trained on",
             )
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process (no lock)
             client.get_registered_model(name)
     # What mlflow.register_model does for a logged model (models:/m-<id>), through our client.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = str(client.create_model_version(name, source=model_uri, run_id=run_id, tags=version_tags,
-                                              model_id=model_id).version)
+                                              model_id=model_id,
+                                              description=version_description(bundle, served, data_source)).version)
 
     # Under the lock nobody else registered meanwhile; without one, the lowest version of a hash stays.
     first = _versions_of(client, name, digest)[0]
@@ -578,4 +640,6 @@ __all__ = [
     "register",
     "registration_lock",
     "scalar_metrics",
+    "served_metadata",
+    "served_tags",
 ]

@@ -7,14 +7,29 @@ The model the server runs
 -------------------------
 `load_served_model` opens the BentoML model `bento_build.import_champion` made: the MLflow pt2
 archive (torch.export) gives the weights; they go into an ordinary eager nn.Module
-(`eager_module`: the package's SeverityNet of the model's arch and pipeline), because
+(`eager_module`: the fold ensemble that the metadata's `ensemble` describes, k SeverityNets with
+their normalisation, TTA and temperature; or, for an older version, one SeverityNet), because
 Integrated Gradients needs `.eval()` and gradients, which an exported module refuses, and a
 pt2 module cannot move to a GPU. Before serving, the two must give the same outputs on
 `registry.reference_inputs` (a white cell and seeded noise; max |difference| <=
-OUTPUT_TOLERANCE), else the server refuses to start. Any nn.Module that returns one tensor
-[outputs..., score] can be served the same way: `eager_module` is the one place that knows
-which module to rebuild. Preprocessing is `transforms.eval_transform(Preprocess)` from the
-model's metadata: the code training used, not a copy.
+OUTPUT_TOLERANCE, NaN matching NaN), else the server refuses to start. `eager_module` is the one
+place that knows which module to rebuild. Preprocessing is `transforms.eval_transform(Preprocess)`
+from the model's metadata: the code training used, not a copy. `info_from_mlflow` builds the same
+ModelInfo from a registered version without BentoML (`pap-severity predict`).
+
+Answers
+-------
+`prediction_rows` turns the model's outputs into the answer's fields, for the server and
+`pap-severity predict` alike: a served ensemble's columns (ensemble.COLUMNS) give the calibrated
+probabilities, the score, `uncertainty` (entropy, score_std, mutual_info, disagreement; the last
+three null with one member, and a note) and `refer` by the model's referral rule (its measure
+above its threshold, selective.refer); an older model's [logits..., score] give the same
+severity fields with `uncertainty: null`, `uncertainty_reason` and `refer: false`. Every answer
+names the model and its `data_source`, with a `caveat` unless it was trained on Herlev.
+`OpenAPIDocs` gives /docs.json the project's title, version and description, and documents the
+400/413/415/503 answers with the ErrorResponse schema they really have. `use_project_store`:
+with no BENTOML_HOME, the service and `pap-severity bento import` use the project's
+bentoml_home/.
 
 Requests (hardening)
 --------------------
@@ -65,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import math
 import os
@@ -490,12 +506,91 @@ class ReadinessGuard:
 
 
 # --------------------------------------------------------------------------------------
+# The OpenAPI document (ASGI middleware)
+# --------------------------------------------------------------------------------------
+
+OPENAPI_PATH = "/docs.json"
+# Every error status /predict and /explain answer, with the ErrorResponse body.
+ERROR_STATUSES = {
+    400: "Bad input: not an image, truncated, empty, a missing/unknown/repeated field, a text field instead of a "
+         "file, malformed multipart, a cell too small or too elongated, a mask not in the Herlev colours.",
+    413: "Too large: the body, a file (serve.max_upload_bytes), the pixels (serve.max_pixels) or a side "
+         "(data.max_size).",
+    415: "Not multipart/form-data: send the image as a file field of a multipart form.",
+    503: "Overloaded: the request would have waited longer than serve.batch_max_latency_ms; retry (Retry-After).",
+}
+SERVICE_DESCRIPTION = (
+    "Severity of one Pap smear cell image (normal .. carcinoma in situ, and a score 1..5), how sure the model is "
+    "(entropy, spread over the fold models), whether to refer the cell to a cytologist, and an Integrated "
+    "Gradients heat map of the model's score. POST a multipart form with the file field `image` (and, for "
+    "/explain, optionally `mask`: the cell's Herlev -d.bmp, for At_N / At_C). Errors are JSON "
+    "{error, status, field}.")
+
+
+def openapi_document(spec: dict, *, title: str, version: str, description: str,
+                     routes: tuple[str, ...] = tuple(ROUTES)) -> dict:
+    """BentoML's OpenAPI document with the project's title, version and description, and the
+    error answers `routes` really give (ERROR_STATUSES, with the ErrorResponse schema) in place of
+    BentoML's generic 400 {error, detail} and 404."""
+    spec["info"] = {"title": title, "version": version, "description": description}
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorResponse"] = ErrorResponse.model_json_schema()
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for route in routes:
+        operation = spec.get("paths", {}).get(route, {}).get("post")
+        if operation is None:
+            continue
+        responses = operation.setdefault("responses", {})
+        for code in ("400", "404"):
+            responses.pop(code, None)
+        responses.update({str(code): {"description": text, "content": error} for code, text in ERROR_STATUSES.items()})
+    return spec
+
+
+class OpenAPIDocs:
+    """GET /docs.json (the Swagger page's source) answered with `openapi_document` of BentoML's;
+    `description` may be a callable, asked at the first request (the model is known by then)."""
+
+    def __init__(self, app, *, title: str, version: str, description, path: str = OPENAPI_PATH) -> None:
+        self.app = app
+        self.path = path
+        self.title, self.version, self.description = title, version, description
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.path or scope.get("method") != "GET":
+            await self.app(scope, receive, send)
+            return
+        start, chunks = None, []
+
+        async def keep(message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, keep)
+        body = b"".join(chunks)
+        if start is not None and start["status"] == 200:
+            if callable(self.description):
+                self.description = self.description()
+            body = json.dumps(openapi_document(json.loads(body), title=self.title, version=self.version,
+                                               description=self.description)).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+            start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+        if start is None:
+            return
+        await send(start)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# --------------------------------------------------------------------------------------
 # Response models
 # --------------------------------------------------------------------------------------
 
 
 class ModelRef(BaseModel):
-    """Which registered model answered."""
+    """Which registered model answered, and what it was trained on."""
 
     name: str = Field(description="Registered model name in the MLflow Model Registry, e.g. pap-severity.")
     version: str = Field(description="Registered model version (the one holding the champion alias when imported).")
@@ -503,10 +598,34 @@ class ModelRef(BaseModel):
     pipeline: str = Field(description="Training pipeline of the model (classification, regression, combined, "
                                       "corn or sord).")
     bento_model: str = Field(description="Tag of the model in the BentoML model store / bento.")
+    data_source: str = Field(description="What the model was trained and measured on: herlev (real Herlev Pap smear "
+                                         "cells), synthetic (generated shapes, for testing the software only) or "
+                                         "unknown (registered without the tag).")
+    caveat: str | None = Field(None, description="Present when the answer should not be read as a judgement of a "
+                                                 "real cell: the model was not trained on real cells.")
+
+
+class Uncertainty(BaseModel):
+    """How sure the served fold ensemble is about one cell (pap_severity.ensemble)."""
+
+    entropy: float = Field(description="Entropy of the calibrated class probabilities, in nats: 0 = sure of one "
+                                       "class, ln 5 = 1.609 = no idea.")
+    score_std: float | None = Field(description="Standard deviation over the ensemble's members of their severity "
+                                                "scores (1..5 scale). Null when the model has one member (see note).")
+    mutual_info: float | None = Field(description="Mutual information between the class and the member (BALD): "
+                                                  "how much the members disagree about the class probabilities, "
+                                                  "in nats. Null with one member.")
+    disagreement: float | None = Field(description="Share of the members whose class differs from the ensemble's "
+                                                   "(0..1). Null with one member.")
+    members: int = Field(description="Number of models averaged (k fold models, or 1: the final model).")
+    tta: str = Field(description="Test-time augmentation: dihedral8 (each cell seen in its 8 rotations/mirrors, "
+                                 "averaged) or none.")
+    note: str | None = Field(None, description="Why a measure is null (one member: a spread over members is "
+                                               "undefined, not 0).")
 
 
 class PredictResponse(BaseModel):
-    """The severity of one cell."""
+    """The severity of one cell, how sure the model is, and whether to refer it to a cytologist."""
 
     model_config = ConfigDict(protected_namespaces=())
 
@@ -514,18 +633,30 @@ class PredictResponse(BaseModel):
     severity_index: int = Field(ge=0, le=len(SEVERITY_NAMES) - 1,
                                 description="Index of the severity class: 0 normal .. 4 carcinoma in situ.")
     probabilities: dict[str, float] = Field(
-        description="Probability of each severity class, by class name (they sum to 1). For the regression "
-                    "pipeline these are a Gaussian kernel around the score, not calibrated probabilities.")
-    severity_score: float = Field(description="Continuous severity score on the 1..5 scale (the model's last "
-                                              "output: the expected score for classifiers, the regressed score "
-                                              "for regression).")
+        description="Probability of each severity class, by class name (they sum to 1): the served ensemble's mean "
+                    "over members and poses, after its temperature (calibrated on cells no model trained on). For "
+                    "an older single regression model, a Gaussian kernel around the score.")
+    severity_score: float = Field(description="Continuous severity score on the 1..5 scale: the mean over members "
+                                              "and poses of each member's score (the expected score for classifiers, "
+                                              "the regressed score for regression).")
     abnormal_probability: float = Field(ge=0.0, le=1.0,
                                         description="1 - p(normal): probability that the cell is abnormal "
                                                     "(any dysplasia or carcinoma in situ).")
+    uncertainty: Uncertainty | None = Field(description="How sure the model is; null for a model registered "
+                                                        "without ensemble members or a temperature (see "
+                                                        "uncertainty_reason).")
+    uncertainty_reason: str | None = Field(None, description="Why uncertainty is null; null otherwise.")
+    refer: bool = Field(description="True when a cytologist should look at this cell: its uncertainty is above the "
+                                    "model's referral threshold (fitted on the calibration part for a target share "
+                                    "of referred cells). False also when the model has no referral rule (then "
+                                    "uncertainty is null and uncertainty_reason says why).")
+    refer_reason: str | None = Field(None, description="Why the cell is referred: the measure, its value and the "
+                                                       "threshold. Present only when refer is true.")
     rotated: bool = Field(False, description="True when the upload carried an EXIF orientation (2 to 8) and was "
                                              "turned upright, as an image viewer shows it, before it was judged; "
                                              "every number here is of the upright image.")
-    model: ModelRef = Field(description="The registered model (name and version) that made the prediction.")
+    model: ModelRef = Field(description="The registered model (name, version, data source) that made the "
+                                        "prediction.")
 
 
 class AttributionFractions(BaseModel):
@@ -548,18 +679,12 @@ class AttributionFractions(BaseModel):
                                                    "fractions unstable.")
 
 
-class ExplainResponse(BaseModel):
-    """Integrated Gradients of one cell, with the model's prediction."""
-
-    model_config = ConfigDict(protected_namespaces=())
+class ExplainResponse(PredictResponse):
+    """Integrated Gradients of the served model's (the ensemble's) output for one cell, with its prediction."""
 
     heatmap_png: str = Field(description="Base64 PNG: the attribution map |Am| (IG summed over channels) over the "
-                                         "cell as the model sees it (padded square, resized, enlarged).")
-    severity: str = Field(description="Predicted severity class.")
-    severity_index: int = Field(description="Index of the severity class, 0..4.")
-    severity_score: float = Field(description="Severity score 1..5.")
-    abnormal_probability: float = Field(description="1 - p(normal).")
-    probabilities: dict[str, float] = Field(description="Probability of each severity class, by class name.")
+                                         "cell as the model sees it (padded square, resized, enlarged), with its "
+                                         "colour scale at the right (the |Am| each colour stands for).")
     target: str = Field(description="What IG attributes (explain.target): the score or the predicted class.")
     baseline: str = Field(description="IG baseline (explain.baseline), e.g. white.")
     n_steps: int = Field(description="IG integration steps (explain.n_steps).")
@@ -572,10 +697,6 @@ class ExplainResponse(BaseModel):
                           "explain.n_steps). Null when IG converged.")
     fractions: AttributionFractions | None = Field(
         None, description="At_N / At_C and their area-normalised versions; present only when a mask is sent.")
-    rotated: bool = Field(False, description="True when the upload carried an EXIF orientation (2 to 8) and was "
-                                             "turned upright before it was explained; the heat map is of the "
-                                             "upright image.")
-    model: ModelRef = Field(description="The registered model (name and version) that was explained.")
 
 
 def _finite(v: float) -> float | None:
@@ -595,20 +716,60 @@ def prediction_fields(probs: np.ndarray, label: int, score: float) -> dict:
     }
 
 
-def predict_responses(pipeline_name: str, outputs, model: ModelRef, rotated: bool = False) -> list[PredictResponse]:
-    """One PredictResponse per row of the model's outputs [N, K+1] (decoded by the pipeline);
-    `rotated`: the images were turned upright by their EXIF orientation."""
+ONE_MEMBER_NOTE = ("one member (k = 1, the final model): a spread over members (score_std, mutual_info, "
+                   "disagreement) is undefined, not 0")
+
+
+def prediction_rows(info: ModelInfo, outputs) -> list[dict]:
+    """The fields of a PredictResponse (severity, probabilities, uncertainty, refer) for each row of
+    the served model's outputs: a fold ensemble's ensemble.COLUMNS, decoded by ensemble.decode and
+    judged by the model's referral rule (selective.refer); an older model without members or a
+    temperature ([logits..., score]), decoded by its pipeline, with `uncertainty: null` and why.
+    `pap-severity predict` and the service both answer through this."""
     import torch
 
     from pap_severity.pipelines import get_pipeline
 
-    pred = get_pipeline(pipeline_name).decode(torch.from_numpy(np.array(outputs, dtype=np.float32)))  # a copy:
-    # arrays that come back pickled from the model service are read-only
-    return [
-        PredictResponse(**prediction_fields(pred.probs[i].numpy(), int(pred.label[i]), float(pred.score[i])),
-                        rotated=rotated, model=model)
-        for i in range(len(pred.label))
-    ]
+    out = torch.from_numpy(np.array(outputs, dtype=np.float32))  # a copy: arrays from the model service are read-only
+    if info.ensemble is None:
+        pred = get_pipeline(info.pipeline).decode(out)
+        reason = (f"{info.name} v{info.version} was registered without ensemble members or a temperature (a single "
+                  "model of an older version): it has no uncertainty and no referral rule; register the served "
+                  "model (`dvc repro register`, then `pap-severity bento import`) to get them")
+        return [{**prediction_fields(pred.probs[i].numpy(), int(pred.label[i]), float(pred.score[i])),
+                 "uncertainty": None, "uncertainty_reason": reason, "refer": False, "refer_reason": None}
+                for i in range(len(pred.label))]
+    from pap_severity.ensemble import UNCERTAINTY, decode
+    from pap_severity.selective import refer
+
+    ens = info.ensemble
+    rule = ens["referral"]
+    pred = decode(out, info.pipeline)
+    values = {name: pred.uncertainty[name].numpy() for name in UNCERTAINTY}
+    referred = refer(values[rule["measure"]], rule["threshold"])
+    rows = []
+    for i in range(len(pred.label)):
+        uncertainty = {name: _finite(values[name][i]) for name in UNCERTAINTY}
+        value = uncertainty[rule["measure"]]
+        why = None
+        if referred[i]:
+            why = (f"{rule['measure']} {value:.4g} is above the referral threshold {rule['threshold']:.4g} (chosen on "
+                   f"the calibration part so that at most {rule['max_rate']:.0%} of cells are referred): a "
+                   "cytologist should look at this cell")
+        rows.append({
+            **prediction_fields(pred.probs[i].numpy(), int(pred.label[i]), float(pred.score[i])),
+            "uncertainty": Uncertainty(**uncertainty, members=int(ens["members"]), tta=str(ens["tta"]),
+                                       note=None if int(ens["members"]) > 1 else ONE_MEMBER_NOTE),
+            "uncertainty_reason": None, "refer": bool(referred[i]), "refer_reason": why,
+        })
+    return rows
+
+
+def predict_responses(info: ModelInfo, outputs, rotated: bool = False) -> list[PredictResponse]:
+    """One PredictResponse per row of the served model's outputs (prediction_rows); `rotated`: the
+    images were turned upright by their EXIF orientation."""
+    ref = info.ref()
+    return [PredictResponse(**row, rotated=rotated, model=ref) for row in prediction_rows(info, outputs)]
 
 
 def fractions_model(values: dict[str, float]) -> AttributionFractions:
@@ -619,9 +780,78 @@ def png_base64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
+# The heat map is enlarged to about this many pixels a side (nearest), so small inputs stay visible.
+HEATMAP_SIDE = 256
+
+
+def heatmap(rgb: np.ndarray, am: np.ndarray) -> bytes:
+    """The PNG of /explain and `pap-severity predict --explain`: |Am| over the cell as the model sees
+    it, enlarged to about HEATMAP_SIDE pixels, with its colour scale."""
+    from pap_severity.explain import heatmap_png
+
+    return heatmap_png(rgb, am, upscale=max(1, HEATMAP_SIDE // max(1, am.shape[0])), colorbar=True)
+
+
 # --------------------------------------------------------------------------------------
 # The model, loaded for serving
 # --------------------------------------------------------------------------------------
+
+
+STORE_FOLDER = "bentoml_home"  # the project's BentoML store: <project>/bentoml_home
+
+
+def project_store(bento_dir: str | Path) -> Path | None:
+    """<project>/bentoml_home when `bento_dir` is a project's bento/ folder (it holds bentofile.yaml);
+    None elsewhere (a built bento, a container), where BentoML's own default holds."""
+    bento_dir = Path(bento_dir).resolve()
+    return bento_dir.parent / STORE_FOLDER if (bento_dir / "bentofile.yaml").is_file() else None
+
+
+def use_project_store(bento_dir: str | Path) -> str | None:
+    """BENTOML_HOME for this process and the workers it starts: the one exported, else the project's
+    store (project_store), so `cd bento && bentoml serve` finds what `dvc repro` imported with no
+    variable set. Must run before BentoML first opens its store. Returns the store in use (None:
+    BentoML's default)."""
+    if os.environ.get("BENTOML_HOME"):
+        return os.environ["BENTOML_HOME"]
+    home = project_store(bento_dir)
+    if home is None:
+        return None
+    os.environ["BENTOML_HOME"] = str(home)  # the workers (copies of this environment) read it
+    _repoint_bentoml(home)
+    return str(home)
+
+
+def _repoint_bentoml(home: Path) -> None:
+    """Point this process's BentoML at `home` when it has opened its default store already.
+
+    `bentoml serve` and `bentoml build` resolve the store (BENTOML_HOME, else ~/bentoml) once,
+    before they import the service; BentoML's loader swaps the model store the same way for a
+    bento's own. BentoML has no public setting for it (checked for 1.4.40)."""
+    import sys
+
+    if "bentoml" not in sys.modules:
+        return  # nothing resolved yet: BENTOML_HOME will be read
+    from bentoml._internal.bento import BentoStore
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    for folder in ("models", "bentos", "tmp"):
+        (home / folder).mkdir(parents=True, exist_ok=True)
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+    BentoMLContainer.bento_store.set(BentoStore(str(home / "bentos")))
+
+
+def info_from_mlflow(meta: dict, *, name: str, version: str, data_source: str, bento_model: str = "") -> ModelInfo:
+    """ModelInfo of a registered version from its MLflow model metadata (registry.load_champion's meta)."""
+    from pap_severity.transforms import Preprocess
+
+    pre = meta["preprocess"]
+    return ModelInfo(name=name, version=str(version), uri=f"models:/{name}/{version}", pipeline=str(meta["pipeline"]),
+                     arch=str(meta["arch"]), preprocess=pre if isinstance(pre, Preprocess) else
+                     Preprocess.from_json(json.dumps(pre)), bento_model=bento_model, data_source=data_source,
+                     ensemble=meta.get("ensemble") or None, extra=dict(meta))
 
 
 def bento_model_tag() -> str:
@@ -640,11 +870,26 @@ class ModelInfo:
     arch: str
     preprocess: Any  # transforms.Preprocess
     bento_model: str
+    data_source: str = "unknown"
+    # registry.served_metadata's `ensemble` (members, member_arch, tta, temperature, referral); None: an
+    # older single model without them.
+    ensemble: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def ref(self) -> ModelRef:
         return ModelRef(name=self.name, version=self.version, uri=self.uri, pipeline=self.pipeline,
-                        bento_model=self.bento_model)
+                        bento_model=self.bento_model, data_source=self.data_source,
+                        caveat=data_caveat(self.data_source))
+
+
+def data_caveat(data_source: str) -> str | None:
+    """What a user must know before reading an answer as a judgement of a real cell (None for Herlev)."""
+    if data_source == "herlev":
+        return None
+    if data_source == "synthetic":
+        return ("trained on synthetic cells (generated shapes, to test the software), not on real Pap smears: this "
+                "answer says nothing about a real cell")
+    return "the data this model was trained on is not recorded: do not read this answer as a judgement of a real cell"
 
 
 def model_info(bento_model) -> ModelInfo:
@@ -656,6 +901,7 @@ def model_info(bento_model) -> ModelInfo:
     if missing:
         raise ValueError(f"BentoML model {bento_model.tag} lacks {sorted(missing)} in its metadata; "
                          "import it with `pap-severity bento import` (bento_build.import_champion)")
+    ensemble = meta.get("ensemble")
     return ModelInfo(
         name=str(meta["registered_model"]),
         version=str(meta["registered_version"]),
@@ -664,6 +910,8 @@ def model_info(bento_model) -> ModelInfo:
         arch=str(meta["arch"]),
         preprocess=Preprocess.from_json(meta["preprocess"]),
         bento_model=str(bento_model.tag),
+        data_source=str(meta.get("data_source", "unknown")),
+        ensemble=json.loads(ensemble) if isinstance(ensemble, str) and ensemble else None,
         extra=meta,
     )
 
@@ -701,13 +949,22 @@ def load_served_model(bento_model, device: str = "auto") -> ServedModel:
 
 
 def eager_module(info: ModelInfo):
-    """A fresh eager nn.Module of the model's kind, to receive the exported weights: today the
-    package's SeverityNet of info's arch and pipeline head. Serving another nn.Module (one tensor
-    [outputs..., score] out) means rebuilding it here from its metadata; the rest is generic."""
+    """A fresh eager nn.Module of the model's kind, to receive the exported weights: the fold
+    ensemble (pap_severity.ensemble.FoldEnsemble of k SeverityNets, its TTA) that registry.served_metadata
+    describes, or, for an older model, one SeverityNet of info's arch and pipeline head. Serving
+    another nn.Module (one tensor out, score last) means rebuilding it here from its metadata."""
     from pap_severity.models import build_model
     from pap_severity.pipelines import get_pipeline
 
-    return build_model(info.arch, "none", get_pipeline(info.pipeline).head)
+    head = get_pipeline(info.pipeline).head
+    if info.ensemble is None:
+        return build_model(info.arch, "none", head)
+    from pap_severity.ensemble import FoldEnsemble, Normalized
+
+    ens = info.ensemble  # members' normalisation and the temperature are buffers: the state dict brings them
+    members = [Normalized(build_model(ens["member_arch"], "none", head), info.preprocess)
+               for _ in range(int(ens["members"]))]
+    return FoldEnsemble(members, info.pipeline, tta=ens["tta"], temperature=float(ens["temperature"]))
 
 
 def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedModel:
@@ -717,7 +974,7 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
 
     from pap_severity.checkpoints import ModelBundle
     from pap_severity.devices import resolve_device
-    from pap_severity.pipelines import get_pipeline
+    from pap_severity.pipelines import get_pipeline, served
     from pap_severity.registry import reference_inputs
 
     model = eager_module(info)
@@ -732,7 +989,9 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
     with torch.no_grad():
         want = source(x).float()
         got = model(x).float()
-    diff = float((want - got).abs().max())
+    # NaN where both are NaN is a match: a one-member ensemble's spread columns are NaN by design.
+    gap = torch.where(torch.isnan(want) & torch.isnan(got), torch.zeros_like(want), (want - got).abs())
+    diff = float(gap.max())
     if not diff <= OUTPUT_TOLERANCE:
         raise RuntimeError(f"{info.bento_model}: the rebuilt model differs from the exported one by {diff:g}")
     dev = resolve_device(device)
@@ -744,28 +1003,36 @@ def served_from_module(source, info: ModelInfo, device: str = "auto") -> ServedM
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     model.to(dev)
-    bundle = ModelBundle(model=model, pipeline=get_pipeline(info.pipeline), arch=info.arch,
+    pipeline = get_pipeline(info.pipeline)
+    bundle = ModelBundle(model=model, pipeline=served(pipeline) if info.ensemble else pipeline, arch=info.arch,
                          preprocess=info.preprocess, meta={"bento_model": info.bento_model})
     return ServedModel(bundle=bundle, info=info, device=dev)
 
 
 __all__ = [
     "AttributionFractions",
+    "ERROR_STATUSES",
     "ErrorResponse",
     "ExplainResponse",
+    "HEATMAP_SIDE",
     "ModelInfo",
     "ModelRef",
+    "OpenAPIDocs",
     "PredictResponse",
     "ROUTES",
     "ReadinessGuard",
     "RequestError",
     "RouteSpec",
+    "SERVICE_DESCRIPTION",
+    "STORE_FOLDER",
     "ServedModel",
+    "Uncertainty",
     "UploadGuard",
     "UploadLimits",
     "batching_enabled",
     "bento_model_tag",
     "check_cell_size",
+    "data_caveat",
     "decode_cell",
     "decode_image",
     "decode_mask_upload",
@@ -773,12 +1040,18 @@ __all__ = [
     "error_body",
     "error_response",
     "fractions_model",
+    "heatmap",
+    "info_from_mlflow",
     "load_served_model",
     "model_info",
     "off_palette_share",
+    "openapi_document",
     "predict_responses",
     "prediction_fields",
+    "prediction_rows",
+    "project_store",
     "serve_settings",
     "served_from_module",
     "set_pillow_limit",
+    "use_project_store",
 ]

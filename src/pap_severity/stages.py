@@ -253,9 +253,12 @@ def served_bundle(spec: Path):
 
 
 def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest: Path = MANIFEST,
-             final: Path = FINAL, metrics: Path = FINAL_METRICS, explain: Path = EXPLAIN,
-             figures: Path = FIGURES, out: Path = REGISTRY) -> list:
-    """Register every final model (combined as registry.model_name) with its test metrics, figures and IG report."""
+             served: Path = ENSEMBLE, metrics: Path = ENSEMBLE_METRICS, explain: Path = EXPLAIN,
+             figures: Path = FIGURES, trust: Path = TRUST_FIGURES, out: Path = REGISTRY) -> list:
+    """Register each pipeline's served model (models/ensemble/<pipeline>.json: the fold ensemble or
+    the final model, with its TTA, temperature and referral rule; combined as registry.model_name)
+    with the served row of its test metrics (metrics/ensemble/<pipeline>.json), which the promotion
+    rule reads, its figures and its IG report."""
     import json
 
     from pap_severity.registry import EXPLAIN_FILES
@@ -264,15 +267,19 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
     _, _, source = _data(manifest)
     results = []
     for pipeline in pipelines or cfg.train.pipelines:
-        metrics_file = metrics / f"{pipeline}.json"
-        if not metrics_file.is_file():
-            raise FileNotFoundError(f"{metrics_file}: no final metrics; run `pap-severity train-final -p {pipeline}`")
+        spec, metrics_file = served / f"{pipeline}.json", metrics / f"{pipeline}.json"
+        for path in (spec, metrics_file):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no served model of {pipeline}; run `dvc repro ensemble@{pipeline}` "
+                                        f"(or `pap-severity ensemble -p {pipeline}`)")
+        content = json.loads(metrics_file.read_text())
+        row = content["rows"][content["served"]]
         # The IG report of an explained pipeline is always asked for, so a missing one is named on the run.
         report = [explain / pipeline / name for name in EXPLAIN_FILES] if pipeline in cfg.explain.pipelines else []
-        extra = [p for p in (figures / pipeline, METRICS / f"{pipeline}.json", metrics_file) if p.exists()]
-        results.append(register_model(cfg, final / f"{pipeline}.pt", json.loads(metrics_file.read_text()),
-                                      artifacts=report + extra, data_source=source, pipeline=pipeline,
-                                      params=settings(cfg)))
+        extra = [p for p in (trust / pipeline, figures / pipeline, metrics_file, spec, METRICS / f"{pipeline}.json")
+                 if p.exists()]
+        results.append(register_model(cfg, served_bundle(spec), row, artifacts=report + extra, data_source=source,
+                                      pipeline=pipeline, params=settings(cfg)))
     # What this call did (`created`, `moved_alias`) is left out: the record only changes when the registry
     # does, so the bento is not rebuilt for nothing.
     record = [{k: v for k, v in vars(r).items() if k not in ("created", "moved_alias")} for r in results]

@@ -256,11 +256,13 @@ class Tracker:
 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_model(self, bundle: ModelBundle, input_example: np.ndarray | None = None, name: str = "model") -> str:
+    def log_model(self, bundle: ModelBundle, input_example: np.ndarray | None = None, name: str = "model",
+                  metadata: dict | None = None) -> str:
         """Log the bundle's model to the active run as a pt2 MLflow model; returns its model URI.
 
         input_example: preprocessed cells [N, 3, S, S] (float32); at least two rows are used so
         that the batch dimension stays dynamic (torch.export fixes a dimension of size 1).
+        metadata: more keys for the model's metadata (registry.served_metadata), over the defaults.
         """
         import mlflow
         from mlflow.models import infer_signature
@@ -281,6 +283,7 @@ class Tracker:
             "preprocess": json.loads(pre.to_json()),
             "output": OUTPUT_LAYOUT,
             "score_column": int(output.shape[1] - 1),
+            **(metadata or {}),
         }
         with tempfile.TemporaryDirectory() as tmp, _quiet_downloads():
             pre_file = pre.save(Path(tmp) / "preprocess.json")
