@@ -9,6 +9,6 @@ mkdir -p data
 pap-severity data manifest ../shared/datasets/herlev-40px --out data/manifest.csv
 pap-severity data split data/manifest.csv --out data/splits.csv --params "$P"
 pap-severity train -p "$PIPE" --params "$P" --no-track --resume
-pap-severity train-final -p "$PIPE" --params "$P" --no-track
+pap-severity train-final -p "$PIPE" --params "$P"
 pap-severity ensemble -p "$PIPE" --params "$P"
 python docs/runs/attribution.py "$P" reports/attribution --pipeline "$PIPE"
