@@ -99,6 +99,23 @@ def cli_callback(words: list[str]):
             raise LookupError(f"no CLI command for {words}")
 
 
+def stage_function_imports(name: str, seen: set[str] | None = None) -> set[str]:
+    """The imports of stages.<name> and of every stages.py function it calls, transitively."""
+    seen = set() if seen is None else seen
+    if name in seen:
+        return set()
+    seen.add(name)
+    try:
+        node = function_node("pap_severity.stages", name)
+    except LookupError:
+        return set()  # a constant such as stages.TUNING
+    found = imported_modules(node, "pap_severity.stages")
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
+            found |= stage_function_imports(call.func.id, seen)
+    return found
+
+
 def stage_modules(cmd: str) -> set[str]:
     """The pap_severity modules the commands of a stage's `cmd` import, transitively, glue excluded."""
     roots: set[str] = set()
@@ -110,13 +127,11 @@ def stage_modules(cmd: str) -> set[str]:
         callback = cli_callback([w for w in words if not w.startswith("-")][:2])
         body = function_node("pap_severity.cli", callback.__name__)
         roots |= imported_modules(body, "pap_severity.cli")
-        # The `stages.<name>(...)` it calls: that function's own imports.
+        # The `stages.<name>(...)` it calls: that function's own imports, and those of the stages.py
+        # helpers it calls in turn (explain -> served_bundle).
         for node in ast.walk(body):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "stages":
-                try:
-                    roots |= imported_modules(function_node("pap_severity.stages", node.attr), "pap_severity.stages")
-                except LookupError:
-                    pass  # a constant such as stages.TUNING
+                roots |= stage_function_imports(node.attr)
     tree = source_of("pap_severity.cli")
     module_level = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
                               type_ignores=[])
