@@ -23,13 +23,10 @@ def value(row: dict, key: str) -> str:
     """`name` or `name:sub` of a row; a single row's {mean, std} as mean ± std."""
     name, _, sub = key.partition(":")
     v = row.get(name)
-    if isinstance(v, dict) and "mean" in v:
-        mean, std = v["mean"], v.get("std")
-        if sub:
-            mean, std = mean[sub], (std or {}).get(sub)
-        return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
     if sub and isinstance(v, dict):
         v = v.get(sub)
+    if isinstance(v, dict) and "mean" in v:
+        return f"{v['mean']:.3f} ± {v['std']:.3f}"
     return "—" if v is None else f"{v:.3f}"
 
 
