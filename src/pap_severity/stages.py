@@ -207,6 +207,7 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
 
     Writes models/final/<pipeline>.pt and metrics/final/<pipeline>.json (single-model test metrics).
     """
+    from pap_severity.data.splits import held_out
     from pap_severity.evaluation import PROB_COLUMNS, compute_metrics
     from pap_severity.training import predict_items
     from pap_severity.training import train_final as fit_final
@@ -214,7 +215,7 @@ def train_final(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits
     cfg = tuned(cfg, best_params)
     table, split_table, source = _data(manifest, splits)
     bundle = fit_final(cfg, pipeline, table, split_table, out / f"{pipeline}.pt", progress=progress)
-    test = split_table[split_table["part"] == "test"]
+    test = held_out(split_table)  # one row per cell: with split.repeats > 1 the splits list it once per repeat
     if test.empty:
         raise ValueError("the splits hold no test part to measure the final model on")
     pred = predict_items(bundle, test)
