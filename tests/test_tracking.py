@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_config as shared_tiny_config
 from mlflow import MlflowClient
 
 from pap_severity import tracking, training
@@ -19,13 +21,8 @@ from pap_severity.transforms import Preprocess
 
 
 def tiny_config(tmp_path: Path, **train) -> Config:
-    cfg = Config()
-    return cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"arch": "resnet18", "weights": "none", "image_size": 32}),
-        "train": cfg.train.model_copy(update={"epochs": 2, "batch_size": 16, "device": "cpu", "threads": 1, **train}),
-        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-                                                "experiment": "pap-test"}),
-    })
+    """conftest's tiny training settings, 2 epochs unless told, with a SQLite store in tmp_path."""
+    return shared_tiny_config(tmp_path, **{"epochs": 2, **train})
 
 
 @pytest.fixture(autouse=True)
@@ -194,16 +191,18 @@ def test_a_logged_model_is_a_named_pt2_model_with_the_bundles_outputs(tmp_path, 
 
 
 @pytest.mark.slow
-def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path, synth_set):
+def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path, synth_set, tiny_pipeline):
     manifest, splits = synth_set["manifest"], synth_set["splits"]
-    cfg = tiny_config(tmp_path, epochs=1)
     out = tmp_path / "models"
-    training.cross_validate(cfg, "regression", manifest, splits, out, progress=False)
+    shutil.copytree(tiny_pipeline["models"], out)  # cross-validated without tracking
+    cfg = tiny_config(tmp_path, epochs=1)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "combined").glob("fold*.pt")}
     tracker = tracking.Tracker(cfg, "synthetic")
-    training.cross_validate(cfg, "regression", manifest, splits, out, callbacks=tracking.CVRuns(tracker),
+    training.cross_validate(cfg, "combined", manifest, splits, out, callbacks=tracking.CVRuns(tracker),
                             progress=False, resume=True)
-    runs = tracking.read_runs(out / "regression" / tracking.RUNS_FILE)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "combined").glob("fold*.pt")} == stamps  # not retrained
+    runs = tracking.read_runs(out / "combined" / tracking.RUNS_FILE)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for k, fold in runs["folds"].items():
         assert [m.step for m in client.get_metric_history(fold["run_id"], "train/loss")] == [1]
-        assert fold["model"]["name"] == f"regression-fold{k}" and fold["metrics_logged"]
+        assert fold["model"]["name"] == f"combined-fold{k}" and fold["metrics_logged"]

@@ -279,13 +279,9 @@ class Tracker:
 
     def dataset(self, manifest: pd.DataFrame):
         """The manifest as an MLflow dataset: source the data root, digest `manifest_digest`."""
-        import warnings
-
         import mlflow.data
 
-        with warnings.catch_warnings():  # a local path is meant; integer columns never hold NaN here
-            warnings.filterwarnings("ignore", message="The specified dataset source")
-            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        with _dataset_warnings():
             return mlflow.data.from_pandas(manifest, source=self.cfg.data.root, name="manifest",
                                            digest=manifest_digest(manifest))
 
@@ -323,7 +319,8 @@ class Tracker:
                               tags=self._run_tags(pipeline)) as run:
             mlflow.log_params(flatten_params(self.cfg, pipeline))
             if manifest is not None:
-                mlflow.log_input(self.dataset(manifest), context="cross-validation")
+                with _dataset_warnings():
+                    mlflow.log_input(self.dataset(manifest), context="cross-validation")
             yield run.info.run_id
 
     @contextmanager
@@ -348,7 +345,8 @@ class Tracker:
                               tags=self._run_tags(pipeline, fold=str(fold))) as run:
             mlflow.log_params({**flatten_params(self.cfg, pipeline), "fold": str(fold)})
             if manifest is not None:
-                mlflow.log_input(self.dataset(manifest), context="training")
+                with _dataset_warnings():
+                    mlflow.log_input(self.dataset(manifest), context="training")
             yield run.info.run_id
 
     def log_epoch(self, metrics: dict[str, Any], step: int) -> None:
@@ -367,7 +365,8 @@ class Tracker:
 
         values = _grouped(metrics)
         if values:
-            mlflow.log_metrics(values, step=step, model_id=model_id, dataset=dataset)
+            with _dataset_warnings():
+                mlflow.log_metrics(values, step=step, model_id=model_id, dataset=dataset)
 
     def record_model_file(self, name: str, path: str | Path, pipeline: str) -> dict:
         """Name a model file stored by DVC in the active run, without copying it: an external
@@ -448,6 +447,18 @@ class Tracker:
                 tags={"pipeline": bundle.pipeline.name, **self.tags},
             )
         return info.model_uri
+
+
+@contextmanager
+def _dataset_warnings() -> Iterator[None]:
+    """Without MLflow's hints on a dataset: its source is a local path (not "ambiguous"), and the
+    manifest's integer columns never hold missing values."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        yield
 
 
 @contextmanager
