@@ -206,3 +206,17 @@ def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path,
     for k, fold in runs["folds"].items():
         assert [m.step for m in client.get_metric_history(fold["run_id"], "train/loss")] == [1]
         assert fold["model"]["name"] == f"combined-fold{k}" and fold["metrics_logged"]
+
+
+@pytest.mark.parametrize(("module", "absent"), [
+    ("pap_severity.cli", ("torch", "mlflow", "optuna", "bentoml", "great_expectations", "matplotlib")),
+    ("pap_severity.tracking", ("torch", "mlflow")),  # the stages that only log metrics load no torch
+])
+def test_imports_load_only_what_they_use(module, absent):
+    """`pap-severity --help`, and every stage, start without the libraries they do not call."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == []

@@ -96,6 +96,23 @@ def test_training_reduces_the_loss(cells, tmp_path):
     assert {"epoch", "train_loss", "lr", "val_loss", "val_accuracy", "val_mean_auc", "val_qwk", "val_mse"} <= set(entry)
 
 
+def test_compute_is_timed_only_when_asked(cells, tmp_path, monkeypatch):
+    """PAP_SEVERITY_COMPUTE_LOG: one line per training epoch and prediction pass (benchmarks/pipeline_overhead.py)."""
+    log = tmp_path / "compute.jsonl"
+    cfg = tiny_config(epochs=2)
+    monkeypatch.delenv(training.COMPUTE_LOG_ENV, raising=False)
+    training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "a.pt", progress=False)
+    assert not log.exists()
+    monkeypatch.setenv(training.COMPUTE_LOG_ENV, str(log))
+    training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "b.pt", progress=False)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["what"] for line in lines] == ["train", "predict"] * 2  # each epoch, then its validation
+    for line in lines:
+        assert line["forward"] > 0 and line["pid"] == os.getpid()
+        assert (line["backward"] > 0 and line["step"] > 0) == (line["what"] == "train")
+    assert_same_weights(weights(tmp_path / "a.pt"), weights(tmp_path / "b.pt"))  # timing changes nothing
+
+
 def test_same_seed_same_result_other_seed_other_result(cells, tmp_path):
     cfg = tiny_config()
     a = training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "a.pt", progress=False)
