@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,20 @@ def tiny_pipeline(synth_set, tmp_path_factory) -> dict:
     cfg = tiny_config()
     cross_validate(cfg, "combined", synth_set["manifest"], synth_set["splits"], root / "models", progress=False)
     return {"config": cfg, "models": root / "models", "pipeline": "combined"}
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, _mlflow_template) -> str:
+    """tmp_path/mlflow.db, a real MLflow SQLite store: MLflow makes one per session (its schema
+    migrations take seconds) and each test gets a copy (milliseconds). Returns its URI."""
+    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -107,7 +107,7 @@ def test_each_model_is_on_disk_once(project):
     a fold run names its file (path, md5); only the registered models are MLflow (pt2) models."""
     from pap_severity.tracking import RUNS_FILE, file_md5
 
-    models = sorted((project / "models").glob("*/*.pt")) + sorted((project / "models/final").glob("*.pt"))
+    models = sorted((project / "models").glob("*/fold*.pt")) + sorted((project / "models/final").glob("*.pt"))
     assert len(models) == 3 * len(PIPELINES)  # 2 folds and a final model each
     for path in models:
         md5 = file_md5(path)

@@ -86,7 +86,7 @@ def test_metric_names_are_grouped_by_part_headline_first():
 
 
 @pytest.mark.slow
-def test_cross_validation_is_tracked_in_a_real_store(tmp_path, synth_set):
+def test_cross_validation_is_tracked_in_a_real_store(tmp_path, synth_set, mlflow_db):
     manifest, splits = synth_set["manifest"], synth_set["splits"]
     cfg = tiny_config(tmp_path)
     tracker = tracking.Tracker(cfg, tracking.data_source_of(manifest))
@@ -164,7 +164,7 @@ def test_cross_validation_is_tracked_in_a_real_store(tmp_path, synth_set):
 
 
 @pytest.mark.slow
-def test_a_logged_model_is_a_named_pt2_model_with_the_bundles_outputs(tmp_path, synth_set):
+def test_a_logged_model_is_a_named_pt2_model_with_the_bundles_outputs(tmp_path, synth_set, mlflow_db):
     """What registry.py registers: Tracker.log_model, pt2 (torch.export) with signature and preprocessing."""
     cfg = tiny_config(tmp_path, epochs=1)
     parts = training.split_items(synth_set["manifest"], synth_set["splits"])
@@ -191,7 +191,8 @@ def test_a_logged_model_is_a_named_pt2_model_with_the_bundles_outputs(tmp_path, 
 
 
 @pytest.mark.slow
-def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path, synth_set, tiny_pipeline):
+def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path, synth_set, tiny_pipeline,
+                                                                      mlflow_db):
     manifest, splits = synth_set["manifest"], synth_set["splits"]
     out = tmp_path / "models"
     shutil.copytree(tiny_pipeline["models"], out)  # cross-validated without tracking
