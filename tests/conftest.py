@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,50 @@ def synth_set(tmp_path_factory) -> dict:
         "manifest_csv": write_manifest(manifest, root / "manifest.csv"),
         "splits_csv": write_splits(splits, root / "splits.csv"),
     }
+
+
+def tiny_config(store: Path | None = None, **train):
+    """The training settings of the tests that train: resnet18 from scratch at 32 px, 1 epoch of
+    batches of 16 on one CPU thread; with `store`, an MLflow SQLite store (experiment pap-test) there."""
+    from pap_severity.config import Config
+
+    cfg = Config()
+    update = {
+        "model": cfg.model.model_copy(update={"arch": "resnet18", "weights": "none", "image_size": 32}),
+        "train": cfg.train.model_copy(update={"epochs": 1, "batch_size": 16, "device": "cpu", "threads": 1,
+                                              **train}),
+    }
+    if store is not None:
+        update["mlflow"] = cfg.mlflow.model_copy(update={"tracking_uri": f"sqlite:///{store}/mlflow.db",
+                                                         "experiment": "pap-test"})
+    return cfg.model_copy(update=update)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(synth_set, tmp_path_factory) -> dict:
+    """One trained tiny pipeline for every test that needs one: `combined` cross-validated on
+    synth_set with tiny_config() (fold models, predictions.csv, training.json under
+    `models/combined`), untracked. Trained once; tests copy `models` before changing anything."""
+    from pap_severity.training import cross_validate
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    cfg = tiny_config()
+    cross_validate(cfg, "combined", synth_set["manifest"], synth_set["splits"], root / "models", progress=False)
+    return {"config": cfg, "models": root / "models", "pipeline": "combined"}
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
+    return path
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, _mlflow_template) -> str:
+    """tmp_path/mlflow.db, a real MLflow SQLite store: MLflow makes one per session (its schema
+    migrations take seconds) and each test gets a copy (milliseconds). Returns its URI."""
+    shutil.copy(_mlflow_template, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

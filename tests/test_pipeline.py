@@ -26,7 +26,7 @@ TINY = {
     "split": {"folds": 2},
     "model": {"image_size": 32},
     "train": {"epochs": 1, "batch_size": 16, "threads": 1},
-    "tune": {"n_trials": 2, "epochs": 1},
+    "tune": {"n_trials": 1, "epochs": 1},
     "explain": {"cells_per_class": 1, "n_steps": 8, "internal_batch_size": 16},
 }
 
@@ -56,6 +56,7 @@ def project(tmp_path_factory) -> Path:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     dvc(project, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")  # the project's cache settings
     shutil.copytree(ROOT / ".dvc" / "plots", project / ".dvc" / "plots")  # the templates of dvc.yaml's plots
     dvc(project, "repro")
     return project
@@ -98,6 +99,26 @@ def test_repro_writes_every_out_and_metric(project):
     registry = {r["name"]: r for r in json.loads((project / "reports/registry.json").read_text())}
     assert registry["pap-severity"]["promoted"] is True
     assert registry["pap-severity"]["missing_artifacts"] == []
+
+
+@pytest.mark.slow
+def test_each_model_is_on_disk_once(project):
+    """A fold or final model is the DVC cache's file (a hard link), and MLflow holds no copy of it:
+    a fold run names its file (path, md5); only the registered models are MLflow (pt2) models."""
+    from pap_severity.tracking import RUNS_FILE, file_md5
+
+    models = sorted((project / "models").glob("*/fold*.pt")) + sorted((project / "models/final").glob("*.pt"))
+    assert len(models) == 3 * len(PIPELINES)  # 2 folds and a final model each
+    for path in models:
+        md5 = file_md5(path)
+        cached = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+        assert path.stat().st_nlink == 2 and path.samefile(cached), path
+    for p in PIPELINES:
+        runs = json.loads((project / "models" / p / RUNS_FILE).read_text())
+        assert {k: f["model"]["path"] for k, f in runs["folds"].items()} == {
+            k: f"models/{p}/fold{k}.pt" for k in ("0", "1")}
+    weights = [path for path in (project / "mlruns").rglob("*") if path.suffix in (".pt", ".pt2", ".pth", ".ckpt")]
+    assert sorted(path.name for path in weights) == ["model.pt2"] * len(PIPELINES), weights  # the registered ones
 
 
 @pytest.mark.slow

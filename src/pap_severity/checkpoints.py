@@ -56,7 +56,9 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> t
     """Load a bundle on map_location (CPU by default, whatever device trained it) and the rest of the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model file; train one with `pap-severity train` (dvc stage train)")
+        # DVC stores each model once (its cache): a deleted file comes back from there, not by retraining.
+        raise FileNotFoundError(f"{path}: no model file; `dvc checkout {path}` restores it from the DVC cache "
+                                "(`dvc pull` from a remote; `dvc repro` trains it again if neither holds it)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # a torn or foreign file: say so instead of a pickle traceback

@@ -547,8 +547,6 @@ def _register_locked(cfg: Config, bundle: ModelBundle, digest: str, metrics: dic
         log_params(client, run_id, {**flatten_params(cfg, pipeline),
                                     **{f"registry.{k}": v for k, v in reg.model_dump(mode="json").items()},
                                     **(params or {})})
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"test_{k}", v, now, 0) for k, v in values.items()])
         for path in paths:
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=_artifact_dir(path))
@@ -559,7 +557,11 @@ def _register_locked(cfg: Config, bundle: ModelBundle, digest: str, metrics: dic
             np.savez(ref, inputs=inputs, outputs=outputs)
             mlflow.log_artifact(str(ref), artifact_path=str(Path(REFERENCE_ARTIFACT).parent))
         served = served_metadata(bundle)
-        model_uri = tracker.log_model(bundle, input_example=inputs, metadata=served)
+        model_uri = tracker.log_model(bundle, input_example=inputs, metadata=served, name=f"{pipeline}-served")
+        # Logged after the model and with its id, so the Models tab shows the test metrics beside it.
+        model_id = model_uri.removeprefix("models:/")
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(f"test_{k}", v, now, 0, model_id=model_id) for k, v in values.items()])
 
     version_tags = {
         "content_hash": digest,

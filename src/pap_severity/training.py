@@ -36,6 +36,9 @@ Choices, and why:
 - `cross_validate` trains one model per fold and predicts its validation fold and the test
   part. It reports its progress to a `CVCallbacks` observer; `tracking.CVRuns` mirrors it in
   MLflow. Nothing here imports MLflow or Optuna.
+- With PAP_SEVERITY_COMPUTE_LOG naming a file, every training epoch and prediction pass appends
+  one JSON line of the seconds spent in forward, backward and optimizer steps
+  (benchmarks/pipeline_overhead.py sets it to tell compute from machinery); unset, nothing is timed.
 
 Epochs are numbered from 1. The per-epoch history holds `epoch`, `train_loss`, `lr` (the
 learning rate of the epoch's last step), `val_loss` and `val_<metric>` for every scalar
@@ -48,6 +51,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -73,6 +77,7 @@ from pap_severity.progress import progress_bar
 from pap_severity.pipelines import get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment_transform, channel_stats
 
+COMPUTE_LOG_ENV = "PAP_SEVERITY_COMPUTE_LOG"
 RESUME_SUFFIX = ".resume"
 PREDICTIONS_FILE = "predictions.csv"
 TRAINING_FILE = "training.json"
@@ -456,6 +461,32 @@ def setup_training(cfg: Config, pipeline: str, train_items: pd.DataFrame, val_it
 # One epoch --------------------------------------------------------------------------------
 
 
+class _ComputeClock:
+    """Seconds of forward, backward and optimizer steps of one pass, appended as a JSON line to
+    the file COMPUTE_LOG_ENV names; a no-op when the variable is unset."""
+
+    def __init__(self, device: torch.device, what: str) -> None:
+        self.file = os.environ.get(COMPUTE_LOG_ENV)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals = {"what": what, "forward": 0.0, "backward": 0.0, "step": 0.0}
+
+    @contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        if not self.file:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.totals[kind] += time.perf_counter() - start
+
+    def write(self) -> None:
+        if self.file:
+            with open(self.file, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), **self.totals}) + "\n")
+
+
+
 def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -496,19 +527,23 @@ def train_one_epoch(state: TrainState, ctx: TrainContext, loader: DataLoader, ep
     per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     mix_rng = np.random.default_rng([ctx.seed, epoch]) if ctx.mixup > 0 else None
     model.train()
+    clock = _ComputeClock(ctx.device, "train")
     total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
     for x, y in loader:
         x = _to_input(x, ctx.device, ctx.channels_last)
         y = y.to(ctx.device, non_blocking=True)
-        loss = _batch_loss(state, ctx, x, y, mix_rng)
+        with clock("forward"):
+            loss = _batch_loss(state, ctx, x, y, mix_rng)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the training loss became {loss.item()}; "
                                    f"lower train.lr (now {optimizer.defaults['lr']:g})")
         optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
+        with clock("backward"):
+            state.scaler.scale(loss).backward()
         lr = optimizer.param_groups[0]["lr"]
-        state.scaler.step(optimizer)
-        state.scaler.update()
+        with clock("step"):
+            state.scaler.step(optimizer)
+            state.scaler.update()
         if per_batch:
             scheduler.step()
         total += loss.item() * len(y)
@@ -518,6 +553,7 @@ def train_one_epoch(state: TrainState, ctx: TrainContext, loader: DataLoader, ep
             bar.set_postfix_str(_postfix(bar, loss=loss.item()), refresh=False)
     if scheduler is not None and not per_batch:
         scheduler.step()
+    clock.write()
     return total / max(count, 1), lr
 
 
@@ -525,10 +561,13 @@ def train_one_epoch(state: TrainState, ctx: TrainContext, loader: DataLoader, ep
 def _predict(model: nn.Module, loader, device, channels_last: bool, amp: bool = False) -> Tensor:
     """The model's raw outputs over a loader of (image, label), on the CPU, float32."""
     model.eval()
+    clock = _ComputeClock(torch.device(device), "predict")
     outs = []
     for x, _ in loader:
-        with autocast(device, amp):
-            outs.append(model(_to_input(x, device, channels_last)).float().cpu())
+        x = _to_input(x, device, channels_last)
+        with clock("forward"), autocast(device, amp):
+            outs.append(model(x).float().cpu())
+    clock.write()
     return torch.cat(outs)
 
 
@@ -716,11 +755,12 @@ def fold_checkpoint(out_dir: str | Path, pipeline: str, fold: int, repeat: int =
 class CVCallbacks:
     """What `cross_validate` reports while it runs, in this order: `pipeline_run` (open for the
     whole pipeline), then per fold `fold_run` (open for the fold) holding `on_epoch` per epoch,
-    then `on_fold_end` and `log_model`; last `on_pipeline_end`. This one does nothing; an
-    observer (tracking.CVRuns, for MLflow) has the same methods and need not subclass it."""
+    then `on_fold_end`; last `on_pipeline_end`. This one does nothing; an observer
+    (tracking.CVRuns, for MLflow) has the same methods and need not subclass it."""
 
-    def pipeline_run(self, pipeline: str, out: Path, resume: bool):
-        """A context open while the pipeline's folds run; `out` is the pipeline's folder."""
+    def pipeline_run(self, pipeline: str, out: Path, resume: bool, manifest: pd.DataFrame):
+        """A context open while the pipeline's folds run; `out` is the pipeline's folder, `manifest`
+        the cells the splits were drawn from."""
         return nullcontext()
 
     def fold_run(self, fold: str):
@@ -731,11 +771,9 @@ class CVCallbacks:
         """An epoch's history entry (epoch, train_loss, lr, val_*) of the open fold."""
 
     def on_fold_end(self, fold: str, result: FoldResult, metrics: dict[str, float]) -> None:
-        """The fold's training (a finished one reused on resume too) and the kept model's
-        metrics: val_<metric> on its validation fold, test_<metric> on the test part."""
-
-    def log_model(self, fold: str, bundle: ModelBundle, example: np.ndarray) -> None:
-        """The fold's kept model and a few of its preprocessed validation cells (float32)."""
+        """The fold's training (a finished one reused on resume too; its model file is
+        `result.checkpoint`) and the kept model's metrics: val_<metric> on its validation fold,
+        calib_<metric> and test_<metric> on the calibration and test parts."""
 
     def on_pipeline_end(self, fold_metrics: list[dict[str, float]]) -> None:
         """The metrics of every fold, in fold order."""
@@ -759,13 +797,6 @@ def _predict_fold(bundle: ModelBundle, pipeline: str, repeat: int, fold: int,
                             table["pred"].to_numpy(), table["score"].to_numpy())
         metrics.update({f"{part}_{name}": float(v) for name, v in m.items() if name in STOPPING_METRICS})
     return tables, metrics
-
-
-def _example_input(bundle: ModelBundle, items: pd.DataFrame, n: int = 2) -> np.ndarray:
-    """A few cells of `items`, preprocessed as the bundle does, as a float32 array."""
-    cells = CellDataset(items["path"].astype(str).tolist()[:n], items["severity"].astype(int).tolist()[:n],
-                        bundle.preprocess, None)
-    return torch.stack([cells[i][0] for i in range(len(cells))]).numpy().astype(np.float32)
 
 
 def cross_validate(
@@ -801,7 +832,7 @@ def cross_validate(
     callbacks = callbacks if callbacks is not None else CVCallbacks()
 
     tables, summary, fold_metrics = [], {}, []
-    with callbacks.pipeline_run(pipeline, out, resume):
+    with callbacks.pipeline_run(pipeline, out, resume, manifest):
         for r, k, train_items, val_items in pairs:
             label = split_label(r, k)
             with callbacks.fold_run(label):
@@ -815,7 +846,6 @@ def cross_validate(
                 summary[label] = {"repeat": r, "fold": k, "best_epoch": result.best_epoch,
                                   "best_metric": result.best_metric, "metrics": metrics, "history": result.history}
                 callbacks.on_fold_end(label, result, metrics)
-                callbacks.log_model(label, bundle, _example_input(bundle, val_items))
         callbacks.on_pipeline_end(fold_metrics)
 
     predictions = pd.concat(tables, ignore_index=True).loc[:, list(PREDICTION_COLUMNS)]
