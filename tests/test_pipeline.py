@@ -155,14 +155,16 @@ def test_a_param_change_reruns_only_what_depends_on_it(project):
 
 @pytest.mark.slow
 def test_the_built_bento_serves_the_champion(project):
-    """`bentoml serve` from bento/, with the pipeline's BentoML store, answers /predict for the champion."""
+    """`cd bento && bentoml serve`, with no environment variable, finds the project's BentoML store and
+    answers /predict for the champion, with its uncertainty, referral and data source."""
     record = json.loads((project / "reports/bento.json").read_text())
     assert record["bento"].startswith("pap-severity:")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "BENTOML_HOME": str(project / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "true"}
-    env.pop("PAP_SEVERITY_PARAMS", None)
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    for name in ("BENTOML_HOME", "PAP_SEVERITY_PARAMS"):
+        env.pop(name, None)
     log = (project / "serve.log").open("w")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "--port", str(port)],
                             cwd=project / "bento", env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -189,6 +191,8 @@ def test_the_built_bento_serves_the_champion(project):
             assert body["model"]["name"] == "pap-severity"
             assert str(body["model"]["version"]) == str(registry["pap-severity"]["champion_version"])
             assert 1 <= body["severity_score"] <= 5
+            assert body["model"]["data_source"] == "synthetic"
+            assert set(body["uncertainty"]) >= {"entropy", "score_std"} and isinstance(body["refer"], bool)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
