@@ -487,6 +487,12 @@ def test_register_stage_registers_the_served_ensemble_with_what_the_server_needs
     assert {k: version.tags[k] for k in ("members", "tta", "referral_measure", "served_variant")} == {
         "members": "2", "tta": "dihedral8", "referral_measure": "entropy", "served_variant": "ensemble_tta"}
     assert "synthetic data" in version.description and "2 x resnet18" in version.description
+    # The logged model is named for what it is, and carries its test metrics (the Models tab).
+    run = client.get_run(result.run_id)
+    [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{result.run_id}'")
+    assert logged.name == "combined-served"
+    assert {m.key: m.value for m in logged.metrics}["test_accuracy"] == pytest.approx(0.6)
     model, meta = load_champion(cfg)
     assert meta["columns"] == list(COLUMNS) and meta["arch"] == "2 x resnet18"
     assert meta["ensemble"] == {"members": 2, "member_arch": "resnet18", "tta": "dihedral8", "temperature": 1.7,
