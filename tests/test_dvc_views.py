@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 from test_evaluation import fake_predictions
+from test_pipeline import TINY  # the whole-pipeline test's tiny settings
 
 from pap_severity.files import write_csv
 from pap_severity.headline import HEADLINE, headline, write_headline
@@ -266,15 +267,6 @@ def test_a_fresh_clone_has_no_dvc_file_that_reads_as_changed(tmp_path):
 
 
 # Queued experiments ----------------------------------------------------------------------------
-
-TINY = {
-    "synth": {"per_class": 6, "size": 32},
-    "split": {"folds": 2},
-    "model": {"image_size": 32},
-    "train": {"epochs": 1, "batch_size": 16, "threads": 1},
-    "tune": {"n_trials": 1, "epochs": 1},
-}
-
 
 @pytest.mark.slow
 def test_queued_experiments_log_to_the_projects_mlflow_store(tmp_path):
