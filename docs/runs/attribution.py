@@ -15,22 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import load_config
 from pap_severity.data.manifest import read_manifest
 from pap_severity.data.splits import held_out, read_splits
 from pap_severity.explain import explain_report
-from pap_severity.pipelines import served
+from pap_severity.stages import served_bundle
 from pap_severity.tracking import data_source_of
-from pap_severity.trust import load_served
 
 SHOWN = (("at_n", "At_N"), ("at_c", "At_C"), ("abs_at_n_norm", "|At_N|/px"), ("abs_at_c_norm", "|At_C|/px"))
-
-
-def bundle_of(spec: dict) -> ModelBundle:
-    model, pre, content = load_served(spec)
-    return ModelBundle(model=model, pipeline=served(model.pipeline), arch=f"{len(content['members'])} x {content['arch']}",
-                       preprocess=pre, meta={"served": content})
 
 
 def main() -> None:
@@ -49,7 +41,7 @@ def main() -> None:
     settings = cfg.explain.model_copy(update={"sanity_check": False})  # the explain stage runs it; here it would double the time
     summaries = {}
     for name, s in (("ensemble", spec), ("single", single)):
-        summaries[name] = explain_report(bundle_of(s), test, settings, args.out / name, data_source=source)
+        summaries[name] = explain_report(served_bundle(s), test, settings, args.out / name, data_source=source)
     (args.out / "side_by_side.json").write_text(json.dumps(summaries, indent=1, default=float))
     head = " | ".join(f"{label} {who}" for _, label in SHOWN for who in ("single", "ensemble"))
     print(f"| class | {head} |\n|---|" + "---|" * (2 * len(SHOWN)))

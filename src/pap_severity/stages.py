@@ -241,8 +241,9 @@ def explain(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, splits: Pa
                           data_source=source, progress=progress)
 
 
-def served_bundle(spec: Path):
-    """The served model of an ensemble spec as a ModelBundle (explain and registration take bundles)."""
+def served_bundle(spec: Path | dict):
+    """The served model of an ensemble spec (its file, or its content) as a ModelBundle (explain and
+    registration take bundles)."""
     from pap_severity.checkpoints import ModelBundle
     from pap_severity.pipelines import served
     from pap_severity.trust import load_served
