@@ -95,14 +95,19 @@ def synth_set(tmp_path_factory) -> dict:
     }
 
 
+# The model of every test that builds one: resnet18's blocks at 1/8 of its width (resnet18_w8), so
+# that a test trains and exports in a fraction of the time; test_models_pipelines builds full widths.
+TINY_ARCH = "resnet18_w8"
+
+
 def tiny_config(store: Path | None = None, **train):
-    """The training settings of the tests that train: resnet18 from scratch at 32 px, 1 epoch of
+    """The training settings of the tests that train: TINY_ARCH from scratch at 32 px, 1 epoch of
     batches of 16 on one CPU thread; with `store`, an MLflow SQLite store (experiment pap-test) there."""
     from pap_severity.config import Config
 
     cfg = Config()
     update = {
-        "model": cfg.model.model_copy(update={"arch": "resnet18", "weights": "none", "image_size": 32}),
+        "model": cfg.model.model_copy(update={"arch": TINY_ARCH, "weights": "none", "image_size": 32}),
         "train": cfg.train.model_copy(update={"epochs": 1, "batch_size": 16, "device": "cpu", "threads": 1,
                                               **train}),
     }

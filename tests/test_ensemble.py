@@ -6,6 +6,7 @@ import copy
 import math
 
 import numpy as np
+from conftest import TINY_ARCH
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from pap_severity.models import ClassifierHead, RegressionHead, build_model
 
 def member(seed: int, head=ClassifierHead) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("resnet18", "none", head).eval()
+    return build_model(TINY_ARCH, "none", head).eval()
 
 
 @torch.no_grad()
@@ -201,8 +202,8 @@ def test_members_keep_their_own_normalisation_behind_one_raw_input():
 
     pre_a, pre_b = Preprocess(32, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)), Preprocess(32, (0.6, 0.5, 0.4), (0.3, 0.25, 0.2))
     a, b = member(9), member(10)
-    bundles = [ModelBundle(a, get_pipeline("combined"), "resnet18", pre_a),
-               ModelBundle(b, get_pipeline("combined"), "resnet18", pre_b)]
+    bundles = [ModelBundle(a, get_pipeline("combined"), TINY_ARCH, pre_a),
+               ModelBundle(b, get_pipeline("combined"), TINY_ARCH, pre_b)]
     model, pre = from_bundles(bundles, tta="none")
     raw = torch.rand(2, 3, 32, 32)
     expected = []
@@ -212,4 +213,4 @@ def test_members_keep_their_own_normalisation_behind_one_raw_input():
     assert pre.mean == (0.0, 0.0, 0.0) and pre.std == (1.0, 1.0, 1.0) and pre.image_size == 32
     assert torch.allclose(decode(model(raw), "combined").score, (expected[0] + expected[1]) / 2, atol=1e-5)
     with pytest.raises(ValueError, match="share a pipeline"):
-        from_bundles([bundles[0], ModelBundle(a, get_pipeline("sord"), "resnet18", pre_a)])
+        from_bundles([bundles[0], ModelBundle(a, get_pipeline("sord"), TINY_ARCH, pre_a)])

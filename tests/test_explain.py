@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from conftest import TINY_ARCH
 import pytest
 import torch
 from captum.attr import IntegratedGradients
@@ -33,8 +34,8 @@ PRE = Preprocess(32, (0.6, 0.5, 0.7), (0.2, 0.25, 0.15))
 def untrained(pipeline: str = "combined", size: int = 32, seed: int = 0) -> ModelBundle:
     torch.manual_seed(seed)
     p = get_pipeline(pipeline)
-    model = build_model("resnet18", "none", p.head).eval()
-    return ModelBundle(model, p, "resnet18", Preprocess(size, IMAGENET_MEAN, IMAGENET_STD))
+    model = build_model(TINY_ARCH, "none", p.head).eval()
+    return ModelBundle(model, p, TINY_ARCH, Preprocess(size, IMAGENET_MEAN, IMAGENET_STD))
 
 
 def synth_items(root: Path, per_class: int, size: int, seed: int = 0) -> pd.DataFrame:
@@ -412,7 +413,7 @@ class MeanOfMembers(torch.nn.Module):
 def test_an_ensemble_is_explained_and_randomised_member_by_member():
     members = [untrained("combined", seed=s).model for s in (0, 1)]
     ensemble = MeanOfMembers(members).eval()
-    bundle = ModelBundle(ensemble, get_pipeline("combined"), "resnet18", Preprocess(32, IMAGENET_MEAN, IMAGENET_STD))
+    bundle = ModelBundle(ensemble, get_pipeline("combined"), TINY_ARCH, Preprocess(32, IMAGENET_MEAN, IMAGENET_STD))
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", E.ConvergenceWarning)
@@ -545,7 +546,7 @@ def trained_on_synth(tmp_path_factory):
     val = items.groupby("class_name", group_keys=False).sample(frac=0.25, random_state=0)
     train = items.drop(val.index)
     cfg = Config(
-        model=ModelConfig(arch="resnet18", weights="none", image_size=48),
+        model=ModelConfig(arch=TINY_ARCH, weights="none", image_size=48),
         train=TrainConfig(epochs=8, batch_size=32, lr=3e-3, device="cpu", patience=100, seed=0),
     )
     result = training.train_fold(cfg, "combined", train, val, root / "model.pt", progress=False)

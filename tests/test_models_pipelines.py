@@ -52,6 +52,12 @@ def test_corn_probabilities_by_hand():
     assert p.tolist() == pytest.approx([0.5, 0.25, 0.125, 0.0625, 0.0625])
 
 
+def test_the_pipeline_names_the_config_checks_are_the_pipelines_there_are():
+    from pap_severity.config import PIPELINES as NAMES
+
+    assert tuple(PIPELINES) == NAMES
+
+
 def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="unknown pipeline 'ordinal'"):
         get_pipeline("ordinal")
@@ -63,6 +69,52 @@ def test_unknown_names_are_clear_errors():
 def test_every_resnet_builds(arch):
     _, width = build_backbone(arch, "none")
     assert width == (512 if arch in ("resnet18", "resnet34") else 2048)
+
+
+@pytest.mark.parametrize("arch, features", [("resnet18_w16", 128), ("resnet34_w8", 64), ("resnet50_w16", 512)])
+def test_narrow_resnets_keep_torchvisions_depth_at_a_fraction_of_the_width(arch, features):
+    net, width = build_backbone(arch, "none")
+    reference, _ = build_backbone(arch.split("_")[0], "none")
+    assert width == features
+    # the same blocks and names, each stage width/64 as wide
+    assert [n for n, _ in net.named_modules()] == [n for n, _ in reference.named_modules()]
+    assert net.layer1[0].conv1.out_channels * 64 == reference.layer1[0].conv1.out_channels * int(arch.split("_w")[1])
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    scale = 64 // int(arch.split("_w")[1])
+    assert count(reference) / scale**2 * 0.8 < count(net) < count(reference) / scale**2 * 1.2
+    assert net(torch.randn(2, 3, 48, 48)).shape == (2, features)
+
+
+def test_a_narrow_model_round_trips_through_its_bundle(tmp_path):
+    from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
+    from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+    pipeline = get_pipeline("combined")
+    model = build_model("resnet18_w8", "none", pipeline.head).eval()
+    save_bundle(ModelBundle(model, pipeline, "resnet18_w8", Preprocess(32, IMAGENET_MEAN, IMAGENET_STD)),
+                tmp_path / "m.pt")
+    loaded, _ = load_bundle(tmp_path / "m.pt")
+    x = torch.randn(3, 3, 32, 32)
+    assert loaded.arch == "resnet18_w8" and torch.equal(loaded.model(x), model(x))
+
+
+@pytest.mark.parametrize("arch", ["resnet18_w", "resnet18_w2", "resnet18_w65", "resnet18_wide", "vgg16_w16"])
+def test_a_bad_width_names_the_form_it_wants(arch):
+    from pap_severity.config import ModelConfig
+
+    with pytest.raises(ValueError, match=r"unknown architecture .*<name>_w<width> with width 4 to 64"):
+        build_backbone(arch, "none")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        ModelConfig(arch=arch)
+
+
+def test_imagenet_weights_exist_only_at_torchvisions_width():
+    from pap_severity.config import ModelConfig
+
+    with pytest.raises(ValueError, match="ImageNet weights exist for resnet18, not for resnet18_w16"):
+        ModelConfig(arch="resnet18_w16", weights="imagenet")
+    with pytest.raises(ValueError, match="no ImageNet weights exist for resnet18_w16"):
+        build_backbone("resnet18_w16", "imagenet")
 
 
 def test_imagenet_weights_come_from_a_prefilled_torch_cache(tmp_path, monkeypatch):

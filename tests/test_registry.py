@@ -1,7 +1,7 @@
 """The MLflow Model Registry on real stores: promotion rule, idempotence, CPU loading, and
 concurrent registrations by real processes (SQLite, PostgreSQL, an MLflow server).
 
-One tiny final model is really trained (resnet18 at 32 px, one epoch); its variants differ
+One tiny final model is really trained (the default arch at 32 px, one epoch); its variants differ
 by a small change of the head's weights (another content hash, another model).
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from conftest import TINY_ARCH
 import pytest
 import torch
 import yaml
@@ -201,7 +202,7 @@ def test_other_pipelines_register_under_their_own_names(final, tmp_path):
     torch.manual_seed(0)
     bundle = copy.deepcopy(final["bundle"])
     bundle.pipeline = pipeline
-    bundle.model = build_model("resnet18", "none", pipeline.head).eval()
+    bundle.model = build_model(TINY_ARCH, "none", pipeline.head).eval()
     path = save_bundle(bundle, tmp_path / "classification.pt")
     result = register(cfg, path, {"accuracy": 0.3}, data_source="synthetic", pipeline="classification")
     assert result.name == model_name_for(cfg, "classification") == "pap-severity-classification"
@@ -301,7 +302,8 @@ def register_project(root: Path, final: dict, tracking: str, metrics: dict) -> P
     shutil.copy(final["path"], member)
     spec = {"version": 1, "pipeline": "combined", "variant": "final", "tta": "none", "temperature": 1.2,
             "members": [{"path": "models/final/combined.pt", "sha256": sha256(member)}],
-            "referral": {"measure": "entropy", "threshold": 1.0, "max_rate": 0.2}, "image_size": 32, "arch": "resnet18"}
+            "referral": {"measure": "entropy", "threshold": 1.0, "max_rate": 0.2}, "image_size": 32,
+            "arch": final["bundle"].arch}
     (root / "models" / "ensemble" / "combined.json").write_text(json.dumps(spec))
     (root / "metrics" / "ensemble" / "combined.json").write_text(json.dumps({"served": "final",
                                                                                "rows": {"final": metrics}}))
@@ -456,7 +458,7 @@ def write_served(root: Path, final: dict, tta: str = "dihedral8", accuracy: floa
     spec = {"version": 1, "pipeline": "combined", "variant": "ensemble_tta" if tta != "none" else "ensemble",
             "members": [{"path": str(p), "sha256": sha256(Path(p))} for p in members], "tta": tta,
             "temperature": 1.7, "referral": {"measure": "entropy", "threshold": 1.1, "max_rate": 0.2},
-            "image_size": 32, "arch": "resnet18"}
+            "image_size": 32, "arch": final["bundle"].arch}
     served, metrics = root / "models" / "ensemble", root / "metrics" / "ensemble"
     served.mkdir(parents=True, exist_ok=True)
     metrics.mkdir(parents=True, exist_ok=True)
@@ -486,7 +488,7 @@ def test_register_stage_registers_the_served_ensemble_with_what_the_server_needs
     assert client.get_run(result.run_id).data.metrics["test_accuracy_at_coverage_0.8"] == pytest.approx(0.7)
     assert {k: version.tags[k] for k in ("members", "tta", "referral_measure", "served_variant")} == {
         "members": "2", "tta": "dihedral8", "referral_measure": "entropy", "served_variant": "ensemble_tta"}
-    assert "synthetic data" in version.description and "2 x resnet18" in version.description
+    assert "synthetic data" in version.description and f"2 x {final['bundle'].arch}" in version.description
     # The logged model is named for what it is, and carries its test metrics (the Models tab).
     run = client.get_run(result.run_id)
     [logged] = client.search_logged_models(experiment_ids=[run.info.experiment_id],
@@ -494,8 +496,8 @@ def test_register_stage_registers_the_served_ensemble_with_what_the_server_needs
     assert logged.name == "combined-served"
     assert {m.key: m.value for m in logged.metrics}["test_accuracy"] == pytest.approx(0.6)
     model, meta = load_champion(cfg)
-    assert meta["columns"] == list(COLUMNS) and meta["arch"] == "2 x resnet18"
-    assert meta["ensemble"] == {"members": 2, "member_arch": "resnet18", "tta": "dihedral8", "temperature": 1.7,
+    assert meta["columns"] == list(COLUMNS) and meta["arch"] == f"2 x {final['bundle'].arch}"
+    assert meta["ensemble"] == {"members": 2, "member_arch": final["bundle"].arch, "tta": "dihedral8", "temperature": 1.7,
                                 "referral": where["spec"]["referral"], "variant": "ensemble_tta"}
     x = torch.from_numpy(final["example"])
     with torch.no_grad():

@@ -104,7 +104,7 @@ def ensemble_spec(root: Path, member: Path, cells) -> Path:
     spec = {"version": 1, "pipeline": "combined", "variant": "ensemble_tta",
             "members": [{"path": str(p), "sha256": sha256(p)} for p in (member, other)], "tta": "dihedral8",
             "temperature": 1.5, "referral": {"measure": "entropy", "threshold": 0.0, "max_rate": 0.2},
-            "image_size": 32, "arch": "resnet18"}
+            "image_size": 32, "arch": bundle.arch}
     path = root / "combined.json"
     path.write_text(json.dumps(spec))
     served = served_bundle(path)

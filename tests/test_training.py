@@ -1,4 +1,4 @@
-"""The training loop on a tiny synthetic set: resnet18 at 32 px, a few dozen cells, CPU."""
+"""The training loop on a tiny synthetic set: TINY_ARCH (conftest) at 32 px, a few dozen cells, CPU."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import TINY_ARCH
 from pap_severity import training
 from pap_severity.checkpoints import ModelBundle, load_bundle
 from pap_severity.config import Config, SplitConfig
-from pap_severity.data.manifest import build_manifest, open_image
+from pap_severity.data.manifest import open_image
 from pap_severity.data.splits import make_splits
-from pap_severity.data.synth import make_synthetic
 from pap_severity.devices import resolve_device
 from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, is_better
 from pap_severity.losses import balanced_class_weights
@@ -52,7 +52,7 @@ def tiny_config(**train) -> Config:
     cfg = Config()
     settings = {"epochs": 2, "batch_size": 16, "device": "cpu", "workers": 0, "seed": 0, "threads": 1, **train}
     return cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"arch": "resnet18", "weights": "none", "image_size": 32}),
+        "model": cfg.model.model_copy(update={"arch": TINY_ARCH, "weights": "none", "image_size": 32}),
         "train": cfg.train.model_copy(update=settings),
     })
 
@@ -201,10 +201,10 @@ def test_scheduler_choices(cells, tmp_path, scheduler):
 def small_state(pipeline: str = "classification", fingerprint: str = "run") -> training.TrainState:
     torch.manual_seed(0)
     spec = get_pipeline(pipeline)
-    model = build_model("resnet18", "none", spec.head)
+    model = build_model(TINY_ARCH, "none", spec.head)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return training.TrainState(
-        bundle=ModelBundle(model, spec, "resnet18", Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
+        bundle=ModelBundle(model, spec, TINY_ARCH, Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))),
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=6),
         scaler=torch.amp.GradScaler("cpu", enabled=False),
@@ -386,7 +386,7 @@ def test_device_auto_is_cpu_on_this_machine():
 def test_predict_items(cells, pipeline):
     torch.manual_seed(0)
     head = get_pipeline(pipeline).head
-    bundle = ModelBundle(build_model("resnet18", "none", head), get_pipeline(pipeline), "resnet18",
+    bundle = ModelBundle(build_model(TINY_ARCH, "none", head), get_pipeline(pipeline), TINY_ARCH,
                          Preprocess(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     table = training.predict_items(bundle, cells["test"], batch_size=4)
     assert list(table.columns) == ["path", "severity", "pred", "score", *PROB_COLUMNS]
@@ -602,7 +602,6 @@ def test_the_recipe_options_train_and_change_the_model(synth_set, tmp_path):
 
 
 def test_repeated_cross_validation_trains_every_repeat_and_fold(cells, tmp_path):
-    from pap_severity.data.splits import make_splits
 
     splits = make_splits(cells["manifest"], SplitConfig(folds=2, test_fraction=0.2, seed=0, repeats=2))
     predictions = training.cross_validate(tiny_config(epochs=1), "combined", cells["manifest"], splits,

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from pap_severity import stages, trust
 from pap_severity.config import Config
@@ -95,7 +94,7 @@ def test_the_explain_stage_explains_the_served_ensembles_score(trained):
     stages.explain(cfg, "combined", **trained["paths"], served=trained["root"] / "explained", out=out,
                    progress=False)
     summary = json.loads((out / "combined" / "summary.json").read_text())
-    assert "2 x resnet18" in json.dumps(summary)
+    assert f"2 x {cfg.model.arch}" in json.dumps(summary)
     rows = pd.read_csv(out / "combined" / "attributions.csv")
     model, pre, _ = trust.load_served(trained["root"] / "explained" / "combined.json")
     split = pd.read_csv(trained["paths"]["splits"])

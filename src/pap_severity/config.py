@@ -15,6 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 PIPELINES = ("classification", "regression", "combined", "corn", "sord")
 
 
+def check_pipeline(name: str) -> str:
+    """`name` if it names a pipeline, else the ValueError that lists them (no torch needed)."""
+    if name not in PIPELINES:
+        raise ValueError(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}")
+    return name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -66,10 +73,41 @@ class SplitConfig(Section):
         return self
 
 
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+NARROW_WIDTHS = range(4, 65)
+
+
+def parse_arch(arch: str) -> tuple[str, int]:
+    """`resnet18` -> (resnet18, 64); `resnet18_w16` -> (resnet18, 16): torchvision's ResNet with a
+    first stage `width` channels wide instead of 64, every later stage narrowed alike (resnet18_w16
+    has 1/16 of the weights). Pure, so that loading params.yaml needs no torch."""
+    base, sep, width = arch.partition("_w")
+    if base not in ARCHS or (sep and not (width.isdigit() and int(width) in NARROW_WIDTHS)):
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}, or one of them "
+                         f"narrowed as <name>_w<width> with width {NARROW_WIDTHS.start} to "
+                         f"{NARROW_WIDTHS.stop - 1} (torchvision's is 64), e.g. resnet18_w16")
+    return base, int(width) if sep else 64
+
+
 class ModelConfig(Section):
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet18"
+    # A torchvision ResNet, or a narrowed one (`resnet18_w16`, from scratch only): see parse_arch.
+    arch: str = "resnet18_w16"
     weights: Literal["imagenet", "none"] = "none"
     image_size: int = Field(64, ge=16)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, arch: str) -> str:
+        parse_arch(arch)
+        return arch
+
+    @model_validator(mode="after")
+    def _weights(self) -> ModelConfig:
+        if self.weights == "imagenet" and parse_arch(self.arch)[1] != 64:
+            raise ValueError(f"model.weights=imagenet needs torchvision's width: ImageNet weights exist for "
+                             f"{parse_arch(self.arch)[0]}, not for {self.arch}; use model.weights=none, or "
+                             f"model.arch={parse_arch(self.arch)[0]}")
+        return self
 
 
 class AugmentConfig(Section):

@@ -11,9 +11,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from pap_severity.config import ARCHS, parse_arch
 from pap_severity.losses import NUM_CLASSES, expected_score
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+__all__ = ["ARCHS", "build_backbone", "build_model"]
 
 
 class WeightsUnavailable(RuntimeError):
@@ -93,12 +94,45 @@ def _imagenet_weights(arch: str):
     return torchvision.models.get_model_weights(arch).IMAGENET1K_V1
 
 
+class NarrowResNet(torchvision.models.ResNet):
+    """torchvision's ResNet (its blocks, layer names and forward) `width` channels wide where
+    torchvision fixes 64, later stages 2x, 4x, 8x that: a from-scratch model sized for CPUs."""
+
+    def __init__(self, arch: str, width: int) -> None:
+        nn.Module.__init__(self)
+        with torch.device("meta"):  # the block type and depths, from torchvision itself
+            reference = torchvision.models.get_model(arch)
+        stages = [getattr(reference, f"layer{i}") for i in range(1, 5)]
+        block = type(stages[0][0])
+        self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, width, 1, 1, 64
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        for i, stage in enumerate(stages):
+            setattr(self, f"layer{i + 1}", self._make_layer(block, width * 2**i, len(stage), stride=1 if i == 0 else 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, 1000)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
 def build_backbone(arch: str, weights: str) -> tuple[nn.Module, int]:
     """A ResNet without its ImageNet classifier, and its feature width."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    base, width = parse_arch(arch)
     if weights not in ("imagenet", "none"):
         raise ValueError(f"model.weights must be 'imagenet' or 'none', got {weights!r}")
+    if width != 64:
+        if weights == "imagenet":
+            raise ValueError(f"no ImageNet weights exist for {arch}; use model.weights=none, or model.arch={base}")
+        net = NarrowResNet(base, width)
+        features = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, features
     enum = _imagenet_weights(arch) if weights == "imagenet" else None
     try:
         net = torchvision.models.get_model(arch, weights=enum)
