@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_ARCH
 from conftest import tiny_config as shared_tiny_config
 from mlflow import MlflowClient
 
@@ -37,7 +38,7 @@ def test_flattened_params_and_hash():
     cfg = Config()
     params = tracking.flatten_params(cfg, "combined")
     assert params["pipeline"] == "combined"
-    assert params["model.arch"] == "resnet18" and params["loss.lambda"] == "1.0"
+    assert params["model.arch"] == TINY_ARCH and params["loss.lambda"] == "1.0"
     assert params["train.lr"] == "0.001" and params["augment.hflip"] == "True"
     assert {k.split(".")[0] for k in params if "." in k} == {"model", "train", "loss", "augment"}
     assert all(isinstance(v, str) for v in params.values())
@@ -109,7 +110,7 @@ def test_cross_validation_is_tracked_in_a_real_store(tmp_path, synth_set, mlflow
                      "git_commit": tracking.git_commit()}
     assert expected_tags.items() <= parent.data.tags.items()
     assert "synthetic cells (not Herlev data)" in parent.data.tags["mlflow.note.content"]
-    assert parent.data.params["model.arch"] == "resnet18" and parent.data.params["pipeline"] == "combined"
+    assert parent.data.params["model.arch"] == TINY_ARCH and parent.data.params["pipeline"] == "combined"
     assert {"test/accuracy", "test/mse", "calib/accuracy", "val/best_accuracy"} <= parent.data.metrics.keys()
     assert not any("_" in key.partition("/")[0] for key in parent.data.metrics)  # no ungrouped test_*, val_*
     # The manifest is the runs' input dataset, with its digest and source.
@@ -212,6 +213,9 @@ def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path,
 @pytest.mark.parametrize(("module", "absent"), [
     ("pap_severity.cli", ("torch", "mlflow", "optuna", "bentoml", "great_expectations", "matplotlib")),
     ("pap_severity.tracking", ("torch", "mlflow")),  # the stages that only log metrics load no torch
+    # the data stages, --pipeline checked as every command checks it
+    ("pap_severity.cli; pap_severity.cli._check_pipelines(['combined']); import pap_severity.data.splits, "
+     "pap_severity.data.manifest, pap_severity.data.synth", ("torch", "mlflow")),
 ])
 def test_imports_load_only_what_they_use(module, absent):
     """`pap-severity --help`, and every stage, start without the libraries they do not call."""

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from pap_severity.config import AugmentConfig
+from pap_severity.data.reader import upright
 from pap_severity.transforms import (
     HED_FROM_RGB,
     HedJitter,
@@ -17,7 +18,6 @@ from pap_severity.transforms import (
     augment_transform,
     hed_to_rgb,
     rgb_to_hed,
-    upright,
 )
 
 # scikit-image 0.25's colorconv.hed_from_rgb, printed there: the inverse of Ruifrok's rgb_from_hed.

@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from pap_severity import __version__
-from pap_severity.config import Config, ConfigError, load_config
+from pap_severity.config import Config, ConfigError, check_pipeline, load_config
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Herlev data: fetch, synth, manifest, validate, split.", no_args_is_help=True)
@@ -153,10 +153,8 @@ def library_error(exc: BaseException) -> str | None:
 
 def _check_pipelines(names) -> None:
     """Every --pipeline value names a pipeline, before a command uses it (the error lists them)."""
-    from pap_severity.pipelines import get_pipeline
-
     for name in [names] if isinstance(names, str) else names or []:
-        get_pipeline(name)
+        check_pipeline(name)
 
 
 def clean_errors(fn):

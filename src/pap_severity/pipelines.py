@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pap_severity import losses
-from pap_severity.config import LossConfig
+from pap_severity.config import LossConfig, check_pipeline
 from pap_severity.losses import NUM_CLASSES
 from pap_severity.models import ClassifierHead, CornHead, RegressionHead, corn_probabilities
 
@@ -121,7 +121,4 @@ def served(pipeline: Pipeline) -> Pipeline:
 
 
 def get_pipeline(name: str) -> Pipeline:
-    try:
-        return PIPELINES[name]
-    except KeyError:
-        raise ValueError(f"unknown pipeline {name!r}; choose from {', '.join(PIPELINES)}") from None
+    return PIPELINES[check_pipeline(name)]

@@ -49,7 +49,7 @@ images are converted (transforms.to_rgb), not refused.
 `decode_cell` applies what makes an image a cell the model can judge: both sides within
 `data.min_size`..`data.max_size` (the sizes the data is validated against; 400 below, 413
 above) and the longer side at most `serve.max_aspect` times the shorter (400); and the EXIF
-orientation (transforms.upright), so a photo taken sideways is judged and explained as a
+orientation (data.reader.upright), so a photo taken sideways is judged and explained as a
 viewer shows it; the answer says `rotated: true` then. `decode_mask_upload` refuses a mask with
 more than `serve.max_mask_off_palette` of its pixels in none of the Herlev mask colours (400):
 At_N / At_C from a lossy (JPEG) or foreign mask would be wrong numbers that look right, and
@@ -97,7 +97,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pap_severity.config import Config, ServeConfig, load_config
 from pap_severity.data.labels import SEVERITY_NAMES
 from pap_severity.data.masks import BORDER_RGB, EDGE_RGB, UNKNOWN, decode_mask
-from pap_severity.transforms import upright
+from pap_severity.data.reader import upright
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
@@ -22,7 +22,6 @@ from pap_severity.config import AugmentConfig
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
-ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
 @dataclass(frozen=True)
@@ -48,15 +47,6 @@ class Preprocess:
     @classmethod
     def load(cls, path: str | Path) -> Preprocess:
         return cls.from_json(Path(path).read_text())
-
-
-def upright(image: Image.Image) -> tuple[Image.Image, bool]:
-    """The image as a viewer shows it (EXIF orientation applied), and whether that turned it.
-
-    Cells have no orientation, but a sideways non-square image pads and resizes differently, and
-    a heat map must line up with what the user sees: every reader of cells calls this first."""
-    turned = image.getexif().get(ORIENTATION_TAG, 1) in range(2, 9)
-    return (ImageOps.exif_transpose(image) if turned else image), turned
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -16,10 +16,21 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pap_severity.data.labels import CLASS_FOLDERS, is_class_folder
-from pap_severity.transforms import upright
+
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+
+
+def upright(image: Image.Image) -> tuple[Image.Image, bool]:
+    """The image as a viewer shows it (EXIF orientation applied), and whether that turned it.
+
+    Cells have no orientation, but a sideways non-square image pads and resizes differently, and
+    a heat map must line up with what the user sees: every reader of cells calls this first."""
+    turned = image.getexif().get(ORIENTATION_TAG, 1) in range(2, 9)
+    return (ImageOps.exif_transpose(image) if turned else image), turned
+
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff"})
 MASK_SUFFIX = "-d.bmp"
