@@ -216,6 +216,9 @@ def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path,
     # the data stages, --pipeline checked as every command checks it
     ("pap_severity.cli; pap_severity.cli._check_pipelines(['combined']); import pap_severity.data.splits, "
      "pap_severity.data.manifest, pap_severity.data.synth", ("torch", "mlflow")),
+    # the stages that read predictions and metrics: evaluate, compare, headline, report
+    ("pap_severity.stages, pap_severity.evaluation, pap_severity.comparison, pap_severity.headline, "
+     "pap_severity.report", ("torch", "mlflow")),
 ])
 def test_imports_load_only_what_they_use(module, absent):
     """`pap-severity --help`, and every stage, start without the libraries they do not call."""

@@ -43,6 +43,14 @@ from sklearn.metrics import (
 from pap_severity.data.labels import NUM_SEVERITIES, SEVERITY_NAMES
 from pap_severity.files import json_ready, write_csv, write_json
 
+PREDICTIONS_FILE = "predictions.csv"  # in pipeline_dir: cross_validate writes it, evaluate reads it
+
+
+def pipeline_dir(out_dir: str | Path, pipeline: str) -> Path:
+    """Where cross_validate writes a pipeline's fold models, predictions and run ids."""
+    return Path(out_dir) / pipeline
+
+
 CLASSES = list(range(NUM_SEVERITIES))
 PROB_COLUMNS = [f"p{k}" for k in CLASSES]
 PREDICTION_COLUMNS = ("pipeline", "repeat", "fold", "part", "path", "severity", "pred", "score", *PROB_COLUMNS)

@@ -109,8 +109,8 @@ def evaluate(cfg: Config, pipeline: str, *, manifest: Path = MANIFEST, models: P
     best_params: the tuned settings the train stage used, so the metrics file states them.
     """
     from pap_severity import evaluation
+    from pap_severity.evaluation import PREDICTIONS_FILE, pipeline_dir
     from pap_severity.tracking import RUNS_FILE, Tracker, read_runs
-    from pap_severity.training import PREDICTIONS_FILE, pipeline_dir
 
     cfg = tuned(cfg, best_params)
     _, _, source = _data(manifest)

@@ -69,7 +69,8 @@ from pap_severity.config import Config, LossConfig, run_definition
 from pap_severity.data.dataset import CellDataset
 from pap_severity.data.splits import cv_pairs, held_out
 from pap_severity.devices import amp_dtype, amp_enabled, autocast, channels_last_pays, resolve_device
-from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, STOPPING_METRICS, compute_metrics, is_better
+from pap_severity.evaluation import (PREDICTION_COLUMNS, PREDICTIONS_FILE, PROB_COLUMNS, STOPPING_METRICS, compute_metrics,
+                                     is_better, pipeline_dir)
 from pap_severity.files import write_json, write_text
 from pap_severity.losses import NUM_CLASSES, balanced_class_weights
 from pap_severity.models import build_model
@@ -79,7 +80,6 @@ from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, aug
 
 COMPUTE_LOG_ENV = "PAP_SEVERITY_COMPUTE_LOG"
 RESUME_SUFFIX = ".resume"
-PREDICTIONS_FILE = "predictions.csv"
 TRAINING_FILE = "training.json"
 
 
@@ -741,11 +741,6 @@ def split_label(repeat: int, fold: int) -> str:
     """How a (repeat, fold) split is named in files and runs: the fold alone in the first repeat
     (so a single split reads as before), `<fold>-r<repeat>` in the others."""
     return str(fold) if repeat == 0 else f"{fold}-r{repeat}"
-
-
-def pipeline_dir(out_dir: str | Path, pipeline: str) -> Path:
-    """Where cross_validate writes a pipeline's fold models, predictions and run ids."""
-    return Path(out_dir) / pipeline
 
 
 def fold_checkpoint(out_dir: str | Path, pipeline: str, fold: int, repeat: int = 0) -> Path:
