@@ -447,6 +447,9 @@ class Tracker:
                 # Pinned torch (+cloudpickle) instead of inferring requirements, which loads
                 # the model again in a subprocess (about 10 s a model).
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                # MLflow would load the pt2 back and predict the example only to check it: 2 to 5 s
+                # a model. tests/test_registry.py checks that the pyfunc gives the model's numbers.
+                validate_serving_input=False,
                 tags={"pipeline": bundle.pipeline.name, **self.tags},
             )
         return info.model_uri
