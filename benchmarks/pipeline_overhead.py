@@ -3,14 +3,14 @@
 One `dvc repro` of the embedded default (params.yaml as committed) in a fresh clone of this
 repository (its HEAD; commit first) in a temporary folder. Every training epoch and prediction
 pass appends the seconds it spent in forward, backward and optimizer steps to a file
-(`training.COMPUTE_LOG_ENV`); the DVC output is read as it comes, so each line of that file
+(`devices.COMPUTE_LOG_ENV`); the DVC output is read as it comes, so each line of that file
 falls in the stage running when it was written. Printed per stage, and for the whole run:
 
 - wall: from DVC starting the stage to it starting the next one (DVC's hashing and caching
   of the stage's outs included);
-- compute: forward + backward + optimizer step of training, and the forward passes of
-  validation and prediction (training.train_one_epoch and training._predict; the IG passes
-  of explain and the ensemble's TTA passes are not timed, so they count as machinery);
+- compute: the seconds spent in the network (devices.ComputeClock): forward + backward +
+  optimizer step of training, the forward passes of validation and prediction, the fold
+  ensemble's (TTA) passes, and Integrated Gradients' forward and backward passes (explain);
 - machinery: 1 - compute / wall (imports, process start, data loading, MLflow, DVC, ...).
 
 Then the disk the run wrote (du counts a hard-linked file once): models/, the DVC cache, the
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from pap_severity.training import COMPUTE_LOG_ENV
+from pap_severity.devices import COMPUTE_LOG_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = re.compile(r"^Running stage '([^']+)'")
@@ -78,6 +78,11 @@ def repro(project: Path, compute_log: Path) -> tuple[list[tuple[str, float, int]
     return marks, time.perf_counter(), code
 
 
+def _seconds(record: dict) -> float:
+    """A compute line's seconds in the network, whatever its kinds."""
+    return sum(v for k, v in record.items() if k not in ("pid", "what"))
+
+
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
@@ -111,15 +116,15 @@ def main() -> None:
         rows = []
         for i, (stage, began, first) in enumerate(marks):
             stop, last = (marks[i + 1][1], marks[i + 1][2]) if i + 1 < len(marks) else (end, len(records))
-            compute = sum(r["forward"] + r["backward"] + r["step"] for r in records[first:last])
+            compute = sum(_seconds(r) for r in records[first:last])
             rows.append((stage, stop - began, compute))
         print(f"\n{'stage':34} {'wall s':>8} {'compute s':>10} {'machinery':>10}")
         for stage, wall, compute in rows:
             print(f"{stage:34} {wall:8.1f} {compute:10.1f} {1 - compute / wall:10.0%}")
         wall = end - start
-        compute = sum(r["forward"] + r["backward"] + r["step"] for r in records)
+        compute = sum(_seconds(r) for r in records)
         print(f"{'dvc repro (whole run)':34} {wall:8.1f} {compute:10.1f} {1 - compute / wall:10.0%}")
-        parts = {k: sum(r[k] for r in records) for k in ("forward", "backward", "step")}
+        parts = {k: sum(r.get(k, 0.0) for r in records) for k in ("forward", "backward", "step", "attribution")}
         print("compute: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))
         print("\ndisk written (du -sbc, hard links once):")
         for name, size in du(project).items():

@@ -6,11 +6,11 @@ import copy
 import math
 
 import numpy as np
-from conftest import TINY_ARCH
 import pytest
 import torch
 from torch import nn
 
+from conftest import TINY_ARCH
 from pap_severity import calibration, selective
 from pap_severity.ensemble import COLUMNS, FoldEnsemble, decode, dihedral_views, entropy, with_temperature
 from pap_severity.models import ClassifierHead, RegressionHead, build_model

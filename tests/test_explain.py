@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from conftest import TINY_ARCH
 import pytest
 import torch
 from captum.attr import IntegratedGradients
 from PIL import Image
 
+from conftest import TINY_ARCH
 from pap_severity import explain as E
 from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import Config, ExplainConfig, ModelConfig, TrainConfig
@@ -234,6 +234,24 @@ def test_noise_and_blur_baselines():
 # --------------------------------------------------------------------------------------
 # Integrated Gradients
 # --------------------------------------------------------------------------------------
+
+
+def test_ig_passes_are_timed_only_when_asked(tmp_path, monkeypatch):
+    """benchmarks/pipeline_overhead.py counts IG's passes as compute, not machinery."""
+    from pap_severity.devices import COMPUTE_LOG_ENV
+
+    bundle, x, cfg = untrained("combined"), torch.randn(2, 3, 32, 32), ExplainConfig(n_steps=4)
+    log = tmp_path / "compute.jsonl"
+    monkeypatch.delenv(COMPUTE_LOG_ENV, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", E.ConvergenceWarning)
+        plain = E.integrated_gradients(bundle, x, cfg)
+        assert not log.exists()
+        monkeypatch.setenv(COMPUTE_LOG_ENV, str(log))
+        timed = E.integrated_gradients(bundle, x, cfg)
+    [line] = [json.loads(row) for row in log.read_text().splitlines()]
+    assert line["what"] == "attribution" and line["attribution"] > 0 and line["forward"] > 0
+    assert torch.equal(plain.attributions, timed.attributions)
 
 
 @pytest.mark.parametrize("baseline", E.BASELINES)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from conftest import TINY_ARCH
 import pytest
 import torch
 import yaml
 
+from conftest import TINY_ARCH
 from pap_severity.checkpoints import load_bundle, save_bundle
 from pap_severity.config import Config, RegistryConfig
 from pap_severity.data.dataset import CellDataset

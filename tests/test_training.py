@@ -24,7 +24,7 @@ from pap_severity.checkpoints import ModelBundle, load_bundle
 from pap_severity.config import Config, SplitConfig
 from pap_severity.data.manifest import open_image
 from pap_severity.data.splits import make_splits
-from pap_severity.devices import resolve_device
+from pap_severity.devices import COMPUTE_LOG_ENV, resolve_device
 from pap_severity.evaluation import PREDICTION_COLUMNS, PROB_COLUMNS, is_better
 from pap_severity.losses import balanced_class_weights
 from pap_severity.models import build_model
@@ -100,10 +100,10 @@ def test_compute_is_timed_only_when_asked(cells, tmp_path, monkeypatch):
     """PAP_SEVERITY_COMPUTE_LOG: one line per training epoch and prediction pass (benchmarks/pipeline_overhead.py)."""
     log = tmp_path / "compute.jsonl"
     cfg = tiny_config(epochs=2)
-    monkeypatch.delenv(training.COMPUTE_LOG_ENV, raising=False)
+    monkeypatch.delenv(COMPUTE_LOG_ENV, raising=False)
     training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "a.pt", progress=False)
     assert not log.exists()
-    monkeypatch.setenv(training.COMPUTE_LOG_ENV, str(log))
+    monkeypatch.setenv(COMPUTE_LOG_ENV, str(log))
     training.train_fold(cfg, "combined", cells["train"], cells["val"], tmp_path / "b.pt", progress=False)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["what"] for line in lines] == ["train", "predict"] * 2  # each epoch, then its validation

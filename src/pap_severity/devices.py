@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+# benchmarks/pipeline_overhead.py sets this to a file: every pass of the network appends its seconds.
+COMPUTE_LOG_ENV = "PAP_SEVERITY_COMPUTE_LOG"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -49,3 +58,29 @@ def channels_last_pays(device: torch.device, amp: bool) -> bool:
 
 def autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=amp_dtype(device), enabled=amp)
+
+
+class ComputeClock:
+    """Seconds a pass spends in the network, by kind (forward, backward, step; attribution for
+    IG's forward and backward together), appended as a JSON line to the file COMPUTE_LOG_ENV
+    names; a no-op when the variable is unset."""
+
+    def __init__(self, device: torch.device, what: str) -> None:
+        self.file = os.environ.get(COMPUTE_LOG_ENV)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.totals = {"what": what, "forward": 0.0, "backward": 0.0, "step": 0.0}
+
+    @contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        if not self.file:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.totals[kind] = self.totals.get(kind, 0.0) + time.perf_counter() - start
+
+    def write(self) -> None:
+        if self.file:
+            with open(self.file, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), **self.totals}) + "\n")

@@ -51,7 +51,6 @@ import hashlib
 import json
 import os
 import random
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -68,7 +67,7 @@ from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
 from pap_severity.config import Config, LossConfig, run_definition
 from pap_severity.data.dataset import CellDataset
 from pap_severity.data.splits import cv_pairs, held_out
-from pap_severity.devices import amp_dtype, amp_enabled, autocast, channels_last_pays, resolve_device
+from pap_severity.devices import ComputeClock, amp_dtype, amp_enabled, autocast, channels_last_pays, resolve_device
 from pap_severity.evaluation import (PREDICTION_COLUMNS, PREDICTIONS_FILE, PROB_COLUMNS, STOPPING_METRICS, compute_metrics,
                                      is_better, pipeline_dir)
 from pap_severity.files import write_json, write_text
@@ -78,7 +77,6 @@ from pap_severity.progress import progress_bar
 from pap_severity.pipelines import get_pipeline
 from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess, augment_transform, channel_stats
 
-COMPUTE_LOG_ENV = "PAP_SEVERITY_COMPUTE_LOG"
 RESUME_SUFFIX = ".resume"
 TRAINING_FILE = "training.json"
 
@@ -461,32 +459,6 @@ def setup_training(cfg: Config, pipeline: str, train_items: pd.DataFrame, val_it
 # One epoch --------------------------------------------------------------------------------
 
 
-class _ComputeClock:
-    """Seconds of forward, backward and optimizer steps of one pass, appended as a JSON line to
-    the file COMPUTE_LOG_ENV names; a no-op when the variable is unset."""
-
-    def __init__(self, device: torch.device, what: str) -> None:
-        self.file = os.environ.get(COMPUTE_LOG_ENV)
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.totals = {"what": what, "forward": 0.0, "backward": 0.0, "step": 0.0}
-
-    @contextmanager
-    def __call__(self, kind: str) -> Iterator[None]:
-        if not self.file:
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.totals[kind] += time.perf_counter() - start
-
-    def write(self) -> None:
-        if self.file:
-            with open(self.file, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), **self.totals}) + "\n")
-
-
-
 def _to_input(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -527,7 +499,7 @@ def train_one_epoch(state: TrainState, ctx: TrainContext, loader: DataLoader, ep
     per_batch = isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR)
     mix_rng = np.random.default_rng([ctx.seed, epoch]) if ctx.mixup > 0 else None
     model.train()
-    clock = _ComputeClock(ctx.device, "train")
+    clock = ComputeClock(ctx.device, "train")
     total, count, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
     for x, y in loader:
         x = _to_input(x, ctx.device, ctx.channels_last)
@@ -561,7 +533,7 @@ def train_one_epoch(state: TrainState, ctx: TrainContext, loader: DataLoader, ep
 def _predict(model: nn.Module, loader, device, channels_last: bool, amp: bool = False) -> Tensor:
     """The model's raw outputs over a loader of (image, label), on the CPU, float32."""
     model.eval()
-    clock = _ComputeClock(torch.device(device), "predict")
+    clock = ComputeClock(torch.device(device), "predict")
     outs = []
     for x, _ in loader:
         x = _to_input(x, device, channels_last)

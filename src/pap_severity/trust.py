@@ -34,6 +34,7 @@ from pap_severity import calibration, selective
 from pap_severity.checkpoints import load_bundle
 from pap_severity.config import Config
 from pap_severity.data.dataset import CellDataset
+from pap_severity.devices import ComputeClock
 from pap_severity.ensemble import UNCERTAINTY, FoldEnsemble, decode, entropy, from_bundles, with_temperature
 from pap_severity.evaluation import DATA_SOURCES, PROB_COLUMNS, compute_metrics, summarise
 from pap_severity.files import write_json, write_text
@@ -62,7 +63,12 @@ def sha256(path: Path) -> str:
 def predict(model: FoldEnsemble, pre: Preprocess, items: pd.DataFrame, batch_size: int = 32) -> pd.DataFrame:
     """The decoded output of an ensemble for every cell of `items` (path, severity), in order."""
     dataset = CellDataset(items["path"].astype(str).tolist(), items["severity"].astype(int).tolist(), pre, None)
-    outputs = torch.cat([model(x) for x, _ in DataLoader(dataset, batch_size=batch_size)])
+    clock, outputs = ComputeClock(torch.device("cpu"), "ensemble"), []
+    for x, _ in DataLoader(dataset, batch_size=batch_size):
+        with clock("forward"):
+            outputs.append(model(x))
+    clock.write()
+    outputs = torch.cat(outputs)
     pred = decode(outputs, model.pipeline)
     table = pd.DataFrame({"path": dataset.paths, "severity": dataset.severities.numpy(),
                           "pred": pred.label.numpy(), "score": pred.score.numpy()})

@@ -61,6 +61,7 @@ from torchvision.transforms.v2 import functional as TF
 from pap_severity.checkpoints import ModelBundle
 from pap_severity.config import ExplainConfig
 from pap_severity.data.masks import CYTOPLASM, NUCLEUS
+from pap_severity.devices import ComputeClock
 from pap_severity.losses import NUM_CLASSES
 from pap_severity.models import corn_probabilities
 from pap_severity.progress import progress_bar
@@ -243,8 +244,9 @@ def integrated_gradients(
     per_call = images_per_call(cfg)
     mode, forward, target_text = _resolve_target(bundle, target)
     attrs = []
+    clock = ComputeClock(device, "attribution")
     with _inputs_only_gradients(model):
-        with torch.no_grad():  # F at the inputs and baselines, in batches of FORWARD_BATCH
+        with torch.no_grad(), clock("forward"):  # F at the inputs and baselines, in batches of FORWARD_BATCH
             outputs = _batched_forward(model, x_all)
             base_outputs = _batched_forward(model, b_all)
         columns = _target_columns(bundle, mode, outputs)
@@ -255,15 +257,17 @@ def integrated_gradients(
         starts = range(0, x_all.shape[0], per_call)
         for start in progress_bar(starts, progress=progress, desc=f"IG ({baseline})", unit="call"):
             x = x_all[start : start + per_call]
-            attr = ig.attribute(
-                x,
-                baselines=b_all[start : start + per_call],
-                target=columns[start : start + per_call].to(device),
-                n_steps=cfg.n_steps,
-                method=cfg.method,
-                internal_batch_size=max(cfg.internal_batch_size, x.shape[0]),
-            )
+            with clock("attribution"):  # IG's forward and backward passes
+                attr = ig.attribute(
+                    x,
+                    baselines=b_all[start : start + per_call],
+                    target=columns[start : start + per_call].to(device),
+                    n_steps=cfg.n_steps,
+                    method=cfg.method,
+                    internal_batch_size=max(cfg.internal_batch_size, x.shape[0]),
+                )
             attrs.append(attr.detach().float().cpu())
+    clock.write()
     attributions = torch.cat(attrs)
     delta = attributions.sum(dim=(1, 2, 3)) - (fx - fb)
     relative = delta.abs() / (fx - fb).abs().clamp_min(DELTA_FLOOR)
