@@ -592,9 +592,11 @@ def finished_trials(study: optuna.Study) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(synth_set, tmp_path_factory) -> dict:
-    """A 3-trial study run start to end by one worker process (journal file), no MLflow."""
+    """A 3-trial study run start to end by one worker process (journal file), no MLflow. Its trials
+    train the full-width resnet18, long enough (seconds) for the kill below to land inside one."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     cfg = tiny_config(tmp, n_trials=3)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "resnet18"})})
     params = write_params(cfg, tmp / "params.yaml")
     summary = finish(start_worker(tmp, params, synth_set, "", "baseline", track=False), tmp, "baseline")
     study = journal_study(cfg, synth_set, tmp / "tuning")
