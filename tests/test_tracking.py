@@ -219,6 +219,8 @@ def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path,
     # the stages that read predictions and metrics: evaluate, compare, headline, report
     ("pap_severity.stages, pap_severity.evaluation, pap_severity.comparison, pap_severity.headline, "
      "pap_severity.report", ("torch", "mlflow")),
+    # the report and the headline draw nothing and compute no metric
+    ("pap_severity.stages, pap_severity.report, pap_severity.headline", ("torch", "mlflow", "sklearn", "matplotlib")),
 ])
 def test_imports_load_only_what_they_use(module, absent):
     """`pap-severity --help`, and every stage, start without the libraries they do not call."""

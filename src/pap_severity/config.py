@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 PIPELINES = ("classification", "regression", "combined", "corn", "sord")
+LAMBDA_PIPELINES = ("combined",)  # the pipelines whose loss has the weight loss.lambda (tuning searches it)
 
 
 def check_pipeline(name: str) -> str:
@@ -223,7 +224,7 @@ def _default_space() -> dict[str, TuneRange]:
     return {
         "train.lr": TuneRange(low=1e-4, high=3e-3, log=True),
         "train.weight_decay": TuneRange(low=1e-6, high=1e-2, log=True),
-        # Only for the pipelines whose loss has the weight (Pipeline.uses_lambda).
+        # Only for the pipelines whose loss has the weight (LAMBDA_PIPELINES).
         "loss.lambda": TuneRange(low=0.1, high=4.0),
     }
 

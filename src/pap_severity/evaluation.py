@@ -24,24 +24,19 @@ import math
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    confusion_matrix,
-    f1_score,
-    mean_absolute_error,
-    mean_squared_error,
-    recall_score,
-    roc_auc_score,
-)
 
 from pap_severity.data.labels import NUM_SEVERITIES, SEVERITY_NAMES
 from pap_severity.files import json_ready, write_csv, write_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# scikit-learn and matplotlib load where they are used (about 2 s): the report, the registry and
+# the server read this module's names without computing a metric or drawing a figure.
 
 PREDICTIONS_FILE = "predictions.csv"  # in pipeline_dir: cross_validate writes it, evaluate reads it
 
@@ -124,6 +119,9 @@ def compute_metrics(y_true, probs, label, score) -> dict:
     - `confusion_matrix`: 5x5 counts, rows true, columns predicted, labels 0..4.
     - `n_cells`.
     """
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                                 mean_absolute_error, mean_squared_error, recall_score)
+
     y_true, probs, label, score = _check_inputs(y_true, probs, label, score)
     true_score = y_true + 1.0
     y_bin, pred_bin = (y_true > 0).astype(int), (label > 0).astype(int)
@@ -171,12 +169,16 @@ def _check_inputs(y_true, probs, label, score):
 
 def _auc_one_vs_rest(positive: np.ndarray, ranking: np.ndarray) -> float:
     """ROC AUC of one class against the rest; NaN when it is undefined."""
+    from sklearn.metrics import roc_auc_score
+
     if positive.all() or not positive.any() or not np.isfinite(ranking).all():
         return float("nan")
     return float(roc_auc_score(positive, ranking))
 
 
 def _macro_mae(y_true: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import mean_absolute_error
+
     per_class = [
         mean_absolute_error(y_true[y_true == k] + 1.0, score[y_true == k])
         for k in CLASSES
@@ -187,6 +189,9 @@ def _macro_mae(y_true: np.ndarray, score: np.ndarray) -> float:
 
 def _qwk(y_true: np.ndarray, label: np.ndarray) -> float:
     """Quadratic weighted kappa; NaN when undefined (e.g. one class on both sides)."""
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import cohen_kappa_score
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         return float(
@@ -309,6 +314,8 @@ def _class_label(k: int) -> str:
 
 def plot_confusion_matrix(cm, title: str, path: Path) -> Path:
     """Counts in each cell, coloured by the row-normalised share (recall per true class)."""
+    from matplotlib.figure import Figure
+
     cm = np.asarray(cm, dtype=float)
     totals = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
@@ -331,6 +338,8 @@ def plot_confusion_matrix(cm, title: str, path: Path) -> Path:
 
 def plot_score_distribution(predictions: pd.DataFrame, title: str, path: Path) -> Path:
     """Predicted score of each true class (box + cells); a dashed line marks the true score."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.subplots()
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from pap_severity import losses
-from pap_severity.config import LossConfig, check_pipeline
+from pap_severity.config import LAMBDA_PIPELINES, LossConfig, check_pipeline
 from pap_severity.losses import NUM_CLASSES
 from pap_severity.models import ClassifierHead, CornHead, RegressionHead, corn_probabilities
 
@@ -43,8 +43,12 @@ class Pipeline:
     loss: LossFn  # (outputs, target, loss config, sample weight) -> scalar
     probs: Callable[[Tensor], Tensor]  # outputs -> [N, 5]
     label_from_score: bool = False  # regression reads its class from the score
-    uses_lambda: bool = False  # the loss has a weight that tuning explores
     log_probs: bool = False  # the first outputs are class log-probabilities (a fold ensemble's), not the head's
+
+    @property
+    def uses_lambda(self) -> bool:
+        """The loss has the weight loss.lambda, which tuning explores (config.LAMBDA_PIPELINES)."""
+        return self.name in LAMBDA_PIPELINES
 
     def decode(self, outputs: Tensor) -> Prediction:
         outputs = outputs.detach().float()
@@ -96,7 +100,6 @@ PIPELINES: dict[str, Pipeline] = {
             ClassifierHead,
             lambda out, y, cfg, w: losses.combined(out[:, :NUM_CLASSES], y, cfg.lambda_, w, cfg.label_smoothing),
             _softmax_probs,
-            uses_lambda=True,
         ),
         Pipeline(
             "corn",

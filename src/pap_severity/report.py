@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from pap_severity.config import LAMBDA_PIPELINES, PIPELINES
 from pap_severity.evaluation import HEADLINE_LABELS
 from pap_severity.files import write_text
 from pap_severity.templates import render
@@ -113,7 +114,6 @@ def _settings(metrics: Path, tuning: Path, pipelines: list[str], ui: str) -> dic
     Values every pipeline shares are stated once; the others, and every tuned one, per pipeline.
     The loss weight lambda is shown only where the pipeline's loss has it.
     """
-    from pap_severity.pipelines import PIPELINES
     from pap_severity.tuning.space import BEST_FILE
 
     found = {}
@@ -129,7 +129,7 @@ def _settings(metrics: Path, tuning: Path, pipelines: list[str], ui: str) -> dic
     shared = [(k, _setting_text(next(iter(found.values()))[0].get(k))) for k in keys if k not in own]
     rows = []
     for name, (settings, best) in found.items():
-        unused = {"lambda"} if name in PIPELINES and not PIPELINES[name].uses_lambda else set()
+        unused = {"lambda"} if name in PIPELINES and name not in LAMBDA_PIPELINES else set()
         tuned = None
         if best:
             run = best.get("mlflow_run_id")

@@ -2,7 +2,7 @@
 
 The search space is `tune.space` in params.yaml, keyed by dotted setting names (any key of
 `config.RUN_PARAMS`), each a range (`low`, `high`; `log`, `step`) or `choices`; `loss.lambda`
-is searched only for the pipelines whose loss has that weight (`Pipeline.uses_lambda`).
+is searched only for the pipelines whose loss has that weight (`config.LAMBDA_PIPELINES`).
 A trial trains with the sampled values, for `tune.epochs` epochs unless `train.epochs` is
 searched, and stops early on `tune.metric` (`trial_config`): the keys in `overridden_keys`.
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from pap_severity.config import Config, TuneRange, run_definition
+from pap_severity.config import LAMBDA_PIPELINES, Config, TuneRange, check_pipeline, run_definition
 from pap_severity.files import write_json
 
 BEST_FILE = "best_params.json"
@@ -40,9 +40,7 @@ OLD_NAMES = {"lr": "train.lr", "weight_decay": "train.weight_decay", "lambda": "
 
 def search_space(cfg: Config, pipeline: str) -> dict[str, TuneRange]:
     """The entries of tune.space a pipeline's study searches (loss.lambda only where the loss has it)."""
-    from pap_severity.pipelines import get_pipeline
-
-    uses_lambda = get_pipeline(pipeline).uses_lambda
+    uses_lambda = check_pipeline(pipeline) in LAMBDA_PIPELINES
     space = {key: entry for key, entry in cfg.tune.space.items() if key != "loss.lambda" or uses_lambda}
     if not space:
         raise ValueError(f"tune.space holds nothing the {pipeline} pipeline uses ({', '.join(cfg.tune.space)}); "
