@@ -186,6 +186,20 @@ def test_every_stage_lists_the_modules_its_command_imports(dvc):
     assert not problems, f"dvc.yaml stages miss code deps: {problems}"
 
 
+def extra_deps(stage: dict) -> list[str]:
+    """Listed source deps that no module of the stage's command lives in: an edit there would rerun
+    the stage for nothing. The package's __init__ (the version string) is allowed."""
+    files = {module_file(m).relative_to(ROOT) for m in stage_modules(stage["cmd"])}
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    return [d for d in deps if d.startswith("src/") and not d.endswith("__init__.py")
+            and not any(Path(d) == f or Path(d) in f.parents for f in files)]
+
+
+def test_no_stage_lists_code_its_command_does_not_import(dvc):
+    problems = {name: extra for name, stage in stages_of(dvc).items() if (extra := extra_deps(stage))}
+    assert not problems, f"dvc.yaml stages list code deps they do not use: {problems}"
+
+
 @pytest.mark.parametrize("name", TRAINING_STAGES)
 def test_training_stages_list_every_setting_that_defines_a_run(dvc, name):
     assert not missing_params(name, stages_of(dvc)[name]), (
