@@ -16,7 +16,10 @@ falls in the stage running when it was written. Printed per stage, and for the w
 Then the disk the run wrote (du counts a hard-linked file once): models/, the DVC cache, the
 MLflow store and its artifacts, the BentoML store.
 
-    python benchmarks/pipeline_overhead.py [--keep] [--set train.epochs=2 ...]
+With --exp KEY=VALUE, then one `dvc exp run -S KEY=VALUE` on top, and the disk that second
+run wrote against the size of the model files it retrained (new files under models/).
+
+    python benchmarks/pipeline_overhead.py [--keep] [--set train.epochs=2 ...] [--exp loss.sord_scale=2]
 
 --set overrides params.yaml keys in the clone (dotted key=YAML value); --keep leaves the clone.
 """
@@ -100,10 +103,38 @@ def du(project: Path) -> dict[str, int]:
     return sizes
 
 
+def _model_files(project: Path) -> dict[Path, int]:
+    """(device, inode) of every file under models/ -> its size: a retrained model is a new inode."""
+    return {(f.stat().st_dev, f.stat().st_ino): f.stat().st_size for f in (project / "models").rglob("*") if f.is_file()}
+
+
+def second_run(project: Path, setting: str) -> None:
+    """`dvc exp run -S setting` after the first run: its wall time, the disk it added, and the size of
+    the model files it wrote (the issue's bound on what a second experiment may add)."""
+    before, models_before = du(project).get("total", 0), _model_files(project)
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(project / "src"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", setting], cwd=project, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
+        sys.exit(done.returncode)
+    stages = [m.group(1) for m in map(STAGE.match, done.stdout.splitlines()) if m]
+    new = {k: v for k, v in _model_files(project).items() if k not in models_before}
+    added = du(project).get("total", 0) - before
+    print(f"\ndvc exp run -S {setting}: {wall:.1f} s, {len(stages)} stages ({', '.join(stages)})")
+    print(f"  disk added {added / 1e6:.1f} MB; model files it wrote {sum(new.values()) / 1e6:.1f} MB "
+          f"({len(new)} files); ratio {added / max(sum(new.values()), 1):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="leave the temporary clone")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params.yaml override")
+    parser.add_argument("--exp", metavar="KEY=VALUE", help="then `dvc exp run -S KEY=VALUE`, and what it wrote")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="pipeline_overhead-"))
@@ -132,6 +163,8 @@ def main() -> None:
         if code != 0:
             print(f"dvc repro failed (exit {code}); the figures cover the stages it ran", file=sys.stderr)
             sys.exit(code)
+        if args.exp:
+            second_run(project, args.exp)
     finally:
         if args.keep:
             print(f"clone kept at {project}")
