@@ -24,7 +24,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_ARCH
 from pap_severity.checkpoints import load_bundle, save_bundle
 from pap_severity.config import Config, RegistryConfig
 from pap_severity.data.dataset import CellDataset
@@ -202,7 +201,7 @@ def test_other_pipelines_register_under_their_own_names(final, tmp_path):
     torch.manual_seed(0)
     bundle = copy.deepcopy(final["bundle"])
     bundle.pipeline = pipeline
-    bundle.model = build_model(TINY_ARCH, "none", pipeline.head).eval()
+    bundle.model = build_model(bundle.arch, "none", pipeline.head).eval()
     path = save_bundle(bundle, tmp_path / "classification.pt")
     result = register(cfg, path, {"accuracy": 0.3}, data_source="synthetic", pipeline="classification")
     assert result.name == model_name_for(cfg, "classification") == "pap-severity-classification"
