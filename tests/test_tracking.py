@@ -38,7 +38,7 @@ def test_flattened_params_and_hash():
     cfg = Config()
     params = tracking.flatten_params(cfg, "combined")
     assert params["pipeline"] == "combined"
-    assert params["model.arch"] == TINY_ARCH and params["loss.lambda"] == "1.0"
+    assert params["model.arch"] == "resnet18_w16" and params["loss.lambda"] == "1.0"
     assert params["train.lr"] == "0.001" and params["augment.hflip"] == "True"
     assert {k.split(".")[0] for k in params if "." in k} == {"model", "train", "loss", "augment"}
     assert all(isinstance(v, str) for v in params.values())
