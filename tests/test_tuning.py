@@ -55,9 +55,11 @@ print("SUMMARY " + json.dumps(summary), flush=True)
 """
 
 
-def tiny_config(tmp: Path, **tune) -> Config:
+def tiny_config(tmp: Path, *, killed: bool = False, **tune) -> Config:
+    """killed: for the tests that SIGKILL a worker inside a trial. Its trials train the full-width
+    resnet18 (seconds each); the default narrow model's end before the kill lands."""
     raw = {
-        "model": {"image_size": 32},
+        "model": {"image_size": 32, **({"arch": "resnet18"} if killed else {})},
         "train": {"batch_size": 16, "device": "cpu", "channels_last": False, "amp": False, "patience": 5,
                   "threads": 1},
         "split": {"folds": 2, "test_fraction": 0.2},
@@ -426,7 +428,7 @@ def test_study_logs_parent_and_trial_runs_without_the_test_part(cells, tmp_path)
 
 @pytest.mark.slow
 def test_killed_journal_study_resumes_to_the_same_budget(cells, tmp_path):
-    cfg = tiny_config(tmp_path, n_trials=2)
+    cfg = tiny_config(tmp_path, killed=True, n_trials=2)
     params = write_params(cfg, tmp_path / "params.yaml")
     init_mlflow(cfg)
     def loader():
@@ -513,7 +515,7 @@ def test_two_worker_processes_share_one_postgres_study(cells, tmp_path, pg_url):
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_a_killed_worker_leaves_the_postgres_study_usable(cells, tmp_path, pg_url):
-    cfg = tiny_config(tmp_path, n_trials=3)
+    cfg = tiny_config(tmp_path, killed=True, n_trials=3)
     params = write_params(cfg, tmp_path / "params.yaml")
     init_mlflow(cfg)
     victim = start_worker(tmp_path, params, cells, pg_url, "victim")
@@ -592,11 +594,10 @@ def finished_trials(study: optuna.Study) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(synth_set, tmp_path_factory) -> dict:
-    """A 3-trial study run start to end by one worker process (journal file), no MLflow. Its trials
-    train the full-width resnet18, long enough (seconds) for the kill below to land inside one."""
+    """A 3-trial study run start to end by one worker process (journal file), no MLflow; the settings
+    of the killed study below (killed=True), so that the kill lands inside a trial."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = tiny_config(tmp, n_trials=3)
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "resnet18"})})
+    cfg = tiny_config(tmp, killed=True, n_trials=3)
     params = write_params(cfg, tmp / "params.yaml")
     summary = finish(start_worker(tmp, params, synth_set, "", "baseline", track=False), tmp, "baseline")
     study = journal_study(cfg, synth_set, tmp / "tuning")
