@@ -270,8 +270,17 @@ class Tracker:
                                    "tag and description say which cells it saw."}
         for key, value in wanted.items():
             if found.tags.get(key) != value:
-                self.client.set_experiment_tag(found.experiment_id, key, value)
+                self._set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
+
+    def _set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+        """Two stages starting at once both find the tag missing; the store refuses the second insert
+        (a UNIQUE constraint), which is no error when the tag now holds the value."""
+        try:
+            self.client.set_experiment_tag(experiment_id, key, value)
+        except Exception:
+            if self.client.get_experiment(experiment_id).tags.get(key) != value:
+                raise
 
     def describe(self, what: str) -> str:
         """A run's description: what it is, and the cells it saw (synthetic ones said so)."""
