@@ -13,6 +13,7 @@ study sets itself. A stale cache otherwise follows silently.
 from __future__ import annotations
 
 import ast
+import importlib
 import copy
 import shlex
 from pathlib import Path
@@ -39,8 +40,17 @@ def module_file(module: str) -> Path | None:
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
 
 
+def lazy_names(package: str) -> dict[str, str]:
+    """A package whose names load on first use (pap_severity.explain's `_WHERE`): name -> submodule."""
+    if module_file(package) is None or module_file(package).name != "__init__.py":
+        return {}
+    return getattr(importlib.import_module(package), "_WHERE", {})
+
+
 def imported_modules(node: ast.AST, current: str) -> set[str]:
-    """The pap_severity modules imported anywhere under `node` (module-level or inside functions)."""
+    """The pap_severity modules imported anywhere under `node` (module-level or inside functions).
+    A lazy package stands for the submodules of the names taken from it, or for all of them when
+    it is imported whole (`from pap_severity import explain`, then `explain.anything`)."""
     found = set()
     for item in ast.walk(node):
         if isinstance(item, ast.Import):
@@ -52,7 +62,11 @@ def imported_modules(node: ast.AST, current: str) -> set[str]:
                 package = parts if module_file(current).name == "__init__.py" else parts[:-1]
                 base = ".".join(package[: len(package) - item.level + 1] + ([base] if base else []))
             found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in item.names)  # `from pkg import module`
+            lazy = lazy_names(base)
+            found.update(f"{base}.{lazy.get(alias.name, alias.name)}" for alias in item.names)
+    for module in list(found):
+        if module not in (item.module for item in ast.walk(node) if isinstance(item, ast.ImportFrom)):
+            found.update(f"{module}.{sub}" for sub in lazy_names(module).values())  # imported whole
     return {m for m in found if module_file(m) is not None}
 
 
@@ -150,9 +164,21 @@ def stages_of(dvc: dict) -> dict[str, dict]:
     return {name: (body["do"] if "do" in body else body) for name, body in dvc["stages"].items()}
 
 
+def stage_code(stage: dict) -> set[str]:
+    """stage_modules of its cmd, and for a stage that builds the bento (bento/service.py among its deps)
+    what the service imports: the bento carries that code."""
+    modules = stage_modules(stage["cmd"])
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    if "bento/service.py" in deps:
+        service = ast.parse((ROOT / "bento" / "service.py").read_text())
+        modules |= {m for m in closure(imported_modules(service, "bento.service")) - GLUE
+                    if module_file(m).read_text().strip()}
+    return modules
+
+
 def missing_deps(stage: dict) -> list[str]:
     deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
-    return sorted(str(module_file(m).relative_to(ROOT)) for m in stage_modules(stage["cmd"]) if not covers(deps, m))
+    return sorted(str(module_file(m).relative_to(ROOT)) for m in stage_code(stage) if not covers(deps, m))
 
 
 def tune_overrides() -> set[str]:
@@ -189,7 +215,7 @@ def test_every_stage_lists_the_modules_its_command_imports(dvc):
 def extra_deps(stage: dict) -> list[str]:
     """Listed source deps that no module of the stage's command lives in: an edit there would rerun
     the stage for nothing. The package's __init__ (the version string) is allowed."""
-    files = {module_file(m).relative_to(ROOT) for m in stage_modules(stage["cmd"])}
+    files = {module_file(m).relative_to(ROOT) for m in stage_code(stage)}
     deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
     return [d for d in deps if d.startswith("src/") and not d.endswith("__init__.py")
             and not any(Path(d) == f or Path(d) in f.parents for f in files)]

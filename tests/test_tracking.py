@@ -220,7 +220,10 @@ def test_folds_trained_without_tracking_get_their_history_when_tracked(tmp_path,
     ("pap_severity.stages, pap_severity.evaluation, pap_severity.comparison, pap_severity.headline, "
      "pap_severity.report", ("torch", "mlflow")),
     # the report and the headline draw nothing and compute no metric
-    ("pap_severity.stages, pap_severity.report, pap_severity.headline", ("torch", "mlflow", "sklearn", "matplotlib")),
+    ("pap_severity.stages, pap_severity.report, pap_severity.headline; "
+     "pap_severity.report._pipeline_figures(__import__('pathlib').Path('.'), __import__('pathlib').Path('.'), "
+     "['combined'], ''); pap_severity.report._explain(__import__('pathlib').Path('.'))",
+     ("torch", "mlflow", "sklearn", "matplotlib", "captum")),
 ])
 def test_imports_load_only_what_they_use(module, absent):
     """`pap-severity --help`, and every stage, start without the libraries they do not call."""

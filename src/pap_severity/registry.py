@@ -90,13 +90,13 @@ import torch
 from pap_severity.checkpoints import ModelBundle, load_bundle
 from pap_severity.config import Config, RegistryConfig
 from pap_severity.evaluation import HEADLINE, LOWER_IS_BETTER, STOPPING_METRICS
+from pap_severity.explain.files import EXPLAIN_FILES
 from pap_severity.files import json_ready
 from pap_severity.transforms import Preprocess, white_input
 
 log = logging.getLogger(__name__)
 
 REFERENCE_ARTIFACT = "reference/reference_io.npz"
-EXPLAIN_FILES = ("report.html", "attributions.csv", "summary.json")
 # One lock for all registrations on a store: creating a fresh store is part of what it guards.
 LOCK_NAME = "pap-severity/register"
 

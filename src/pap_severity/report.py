@@ -243,7 +243,7 @@ def _trust(reports: Path, metrics: Path, models: Path, pipelines: list[str]) -> 
 
 def _pipeline_figures(reports: Path, models: Path, pipelines: list[str], ui: str) -> list[dict]:
     """Per pipeline: its test figures, the gallery of its misclassified cells, its MLflow runs."""
-    from pap_severity.explain import GALLERY_FILE
+    from pap_severity.explain.files import GALLERY_FILE
     from pap_severity.tracking import RUNS_FILE
 
     sections = []
@@ -276,10 +276,10 @@ def _pipeline_figures(reports: Path, models: Path, pipelines: list[str], ui: str
 
 
 def _explain(reports: Path) -> list[dict]:
-    from pap_severity.explain import GALLERY_FILE, REPORT_FILE
+    from pap_severity.explain.files import ATTRIBUTIONS_FILE, GALLERY_FILE, REPORT_FILE, SUMMARY_FILE
 
     parts = []
-    for summary_file in sorted((reports / "explain").glob("*/summary.json")):
+    for summary_file in sorted((reports / "explain").glob(f"*/{SUMMARY_FILE}")):
         summary = _read(summary_file)
         folder = summary_file.parent
         gallery = folder / GALLERY_FILE
@@ -288,7 +288,7 @@ def _explain(reports: Path) -> list[dict]:
             "baseline": summary["settings"].get("baseline"),
             "n_cells": summary["n_cells"],
             "report": _href(folder / REPORT_FILE, reports),
-            "attributions": _href(folder / "attributions.csv", reports),
+            "attributions": _href(folder / ATTRIBUTIONS_FILE, reports),
             "gallery": _href(gallery, reports),
             "rows": [{"class": name, "n": v.get("n", ""), "values": [v.get(k) for k in EXPLAIN_SHOWN]}
                      for name, v in summary.get("per_class", {}).items()],

@@ -263,7 +263,7 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
     rule reads, its figures and its IG report."""
     import json
 
-    from pap_severity.registry import EXPLAIN_FILES
+    from pap_severity.explain.files import EXPLAIN_FILES
     from pap_severity.registry import register as register_model
 
     _, _, source = _data(manifest)

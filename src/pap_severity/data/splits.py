@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from pap_severity.config import SplitConfig
 from pap_severity.files import write_csv
@@ -47,6 +46,8 @@ def repeat_seed(seed: int, repeat: int) -> int:
 
 def make_splits(manifest: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Assign every labelled cell to `test`, or in each of cfg.repeats repeats to one of cfg.folds cv folds."""
+    from sklearn.model_selection import StratifiedGroupKFold  # here: every stage reads splits, one makes them
+
     df = manifest.loc[manifest["severity"].notna(), ["path", "sha256", "severity"]].reset_index(drop=True)
     if df.empty:
         raise ValueError("the manifest has no labelled cells to split")

@@ -25,7 +25,6 @@ from pap_severity.explain.heatmap import heatmap_png
 from pap_severity.files import write_text
 from pap_severity.templates import render
 
-GALLERY_FILE = "gallery.html"
 # Pictures are enlarged by a whole factor (nearest) until their side is at least this many pixels.
 MIN_SIDE_PX = 128
 

@@ -35,7 +35,8 @@ from pap_severity.explain.attribution import (
     random_floor,
 )
 from pap_severity.explain.cells import Cell, load_cell, mask_rgb
-from pap_severity.explain.gallery import GALLERY_FILE, write_gallery
+from pap_severity.explain.files import ATTRIBUTIONS_FILE, GALLERY_FILE, REPORT_FILE, SUMMARY_FILE
+from pap_severity.explain.gallery import write_gallery
 from pap_severity.explain.heatmap import heatmap_mappable, heatmap_rgb, heatmap_scale
 from pap_severity.explain.sanity import sanity_check
 from pap_severity.files import json_ready, write_json, write_text
@@ -91,7 +92,6 @@ DATA_SOURCE_TEXT = {
     "herlev": "Herlev Pap smear cells (real data)",
     "synthetic": "SYNTHETIC cells: these numbers say nothing about real cells",
 }
-REPORT_FILE = "report.html"
 
 
 # --------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def explain_report(
             record.update(random_floor(maps[i], cell.codes, rng))
         records.append(record)
     rows = pd.DataFrame(records, columns=list(CSV_COLUMNS))
-    write_text(out_dir / "attributions.csv", rows.to_csv(index=False))
+    write_text(out_dir / ATTRIBUTIONS_FILE, rows.to_csv(index=False))
     rows["has_mask"] = [c.codes is not None for c in cells]
 
     table = class_table(rows)
@@ -361,7 +361,7 @@ def explain_report(
     fig8_png = _png(fig8(panel_cells, per_row=cfg.cells_per_class), dpi=130) if panel_cells else None
 
     summary = summarize(bundle, rows, table, result, sanity, cfg, data_source, convergence_warnings)
-    write_json(summary, out_dir / "summary.json")
+    write_json(summary, out_dir / SUMMARY_FILE)
     write_gallery(out_dir / GALLERY_FILE, rows, cells, maps, pipeline=bundle.pipeline.name, arch=bundle.arch,
                   data_source=data_source, source_text=source_text, target=result.target, baseline=result.baseline)
     write_text(out_dir / REPORT_FILE, render(
