@@ -5,6 +5,7 @@ torch.utils.flop_counter over forward + backward), this machine's fp32 matmul GF
 their ratio. Target: at least 40% of the matmul rate for resnet18 at 128 px on CPU.
 
     python benchmarks/train_throughput.py                       # resnet18, 128 px, CPU
+    python benchmarks/train_throughput.py --arch resnet18 resnet18_w16 --image-size 48 # the default's
     python benchmarks/train_throughput.py --device cuda --amp   # on a GPU
 """
 
@@ -38,21 +39,10 @@ def matmul_gflops(device: torch.device, n: int, repeats: int, dtype: torch.dtype
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    parser.add_argument("--no-channels-last", action="store_true")
-    parser.add_argument("--matmul-size", type=int, default=2048)
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
+def measure(arch: str, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
+    """Training steps of `arch` on random cells: (images per second, FLOPs per step)."""
     torch.manual_seed(0)
-    model = build_model(args.arch, "none", ClassifierHead).to(device).train()
+    model = build_model(arch, "none", ClassifierHead).to(device).train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     if not args.no_channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -77,23 +67,41 @@ def main() -> None:
     for _ in range(args.steps):
         step()
     sync(device)
-    elapsed = time.perf_counter() - start
+    return args.batch_size * args.steps / (time.perf_counter() - start), flops_per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", nargs="+", default=["resnet18"],
+                        help="one or more (e.g. resnet18 resnet18_w16): measured one after the other, "
+                             "speeds printed against the first")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    results = {arch: measure(arch, args, device) for arch in args.arch}
     matmul_dtype = torch.bfloat16 if args.amp else torch.float32
     tf32 = device.type == "cuda" and not args.amp and torch.backends.cudnn.allow_tf32
     if tf32:  # cuDNN convolutions run fp32 as TF32 by default: compare with TF32 matmul
         torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_gflops(device, args.matmul_size, repeats=10 if device.type == "cpu" else 50, dtype=matmul_dtype)
-
-    achieved = flops_per_step * args.steps / elapsed / 1e9
-    print(f"setting: {args.arch}, {args.image_size} px, batch {args.batch_size}, {device.type}"
-          f"{', bf16 autocast' if args.amp else ', fp32'}, channels_last={not args.no_channels_last}, "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"training: {args.batch_size * args.steps / elapsed:.1f} images/s, "
-          f"{flops_per_step / args.batch_size / 1e9:.2f} GFLOP per image (forward + backward)")
-    print(f"achieved: {achieved:.1f} GFLOP/s")
     kind = "tf32" if tf32 else str(matmul_dtype).removeprefix("torch.")
-    print(f"matmul ({args.matmul_size}^2, {kind}): {peak:.1f} GFLOP/s")
-    print(f"ratio achieved / matmul: {achieved / peak:.1%} (target >= 40% for resnet18 at 128 px on CPU)")
+    print(f"setting: {args.image_size} px, batch {args.batch_size}, {device.type}"
+          f"{', bf16 autocast' if args.amp else ', fp32'}, channels_last={not args.no_channels_last}, "
+          f"torch threads {torch.get_num_threads()}; matmul ({args.matmul_size}^2, {kind}): {peak:.1f} GFLOP/s")
+    first = next(iter(results.values()))[0]
+    for arch, (rate, flops_per_step) in results.items():
+        achieved = flops_per_step * rate / args.batch_size / 1e9
+        print(f"{arch}: {rate:.1f} images/s ({rate / first:.2f}x {args.arch[0]}), "
+              f"{flops_per_step / args.batch_size / 1e9:.3f} GFLOP per image (forward + backward), "
+              f"achieved {achieved:.1f} GFLOP/s = {achieved / peak:.1%} of matmul")
+    print("target: >= 40% of matmul for resnet18 at 128 px on CPU")
 
 
 if __name__ == "__main__":
