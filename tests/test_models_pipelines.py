@@ -85,6 +85,13 @@ def test_narrow_resnets_keep_torchvisions_depth_at_a_fraction_of_the_width(arch,
     assert net(torch.randn(2, 3, 48, 48)).shape == (2, features)
 
 
+def test_width_64_is_torchvisions_resnet():
+    net, width = build_backbone("resnet18_w64", "none")
+    reference, _ = build_backbone("resnet18", "none")
+    assert width == 512 and type(net) is type(reference)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
 def test_a_narrow_model_round_trips_through_its_bundle(tmp_path):
     from pap_severity.checkpoints import ModelBundle, load_bundle, save_bundle
     from pap_severity.transforms import IMAGENET_MEAN, IMAGENET_STD, Preprocess

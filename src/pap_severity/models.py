@@ -133,9 +133,9 @@ def build_backbone(arch: str, weights: str) -> tuple[nn.Module, int]:
         features = net.fc.in_features
         net.fc = nn.Identity()
         return net, features
-    enum = _imagenet_weights(arch) if weights == "imagenet" else None
+    enum = _imagenet_weights(base) if weights == "imagenet" else None  # resnet18_w64 is resnet18
     try:
-        net = torchvision.models.get_model(arch, weights=enum)
+        net = torchvision.models.get_model(base, weights=enum)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         cache = f"{torch.hub.get_dir()}/checkpoints/{enum.url.rsplit('/', 1)[-1]}"
         raise WeightsUnavailable(
