@@ -104,10 +104,10 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _weights(self) -> ModelConfig:
-        if self.weights == "imagenet" and parse_arch(self.arch)[1] != 64:
+        base, width = parse_arch(self.arch)
+        if self.weights == "imagenet" and width != 64:
             raise ValueError(f"model.weights=imagenet needs torchvision's width: ImageNet weights exist for "
-                             f"{parse_arch(self.arch)[0]}, not for {self.arch}; use model.weights=none, or "
-                             f"model.arch={parse_arch(self.arch)[0]}")
+                             f"{base}, not for {self.arch}; use model.weights=none, or model.arch={base}")
         return self
 
 

@@ -130,22 +130,20 @@ def build_backbone(arch: str, weights: str) -> tuple[nn.Module, int]:
         if weights == "imagenet":
             raise ValueError(f"no ImageNet weights exist for {arch}; use model.weights=none, or model.arch={base}")
         net = NarrowResNet(base, width)
-        features = net.fc.in_features
-        net.fc = nn.Identity()
-        return net, features
-    enum = _imagenet_weights(base) if weights == "imagenet" else None  # resnet18_w64 is resnet18
-    try:
-        net = torchvision.models.get_model(base, weights=enum)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError
-        cache = f"{torch.hub.get_dir()}/checkpoints/{enum.url.rsplit('/', 1)[-1]}"
-        raise WeightsUnavailable(
-            f"could not load the ImageNet weights of {arch} ({exc}). They download to {cache}. "
-            "Either train from scratch with model.weights=none (e.g. `dvc exp run -S model.weights=none`), "
-            f"or pre-fill the cache: put that file in $TORCH_HOME/hub/checkpoints/ on this machine."
-        ) from None
-    width = net.fc.in_features
+    else:
+        enum = _imagenet_weights(base) if weights == "imagenet" else None  # resnet18_w64 is resnet18
+        try:
+            net = torchvision.models.get_model(base, weights=enum)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            cache = f"{torch.hub.get_dir()}/checkpoints/{enum.url.rsplit('/', 1)[-1]}"
+            raise WeightsUnavailable(
+                f"could not load the ImageNet weights of {arch} ({exc}). They download to {cache}. "
+                "Either train from scratch with model.weights=none (e.g. `dvc exp run -S model.weights=none`), "
+                f"or pre-fill the cache: put that file in $TORCH_HOME/hub/checkpoints/ on this machine."
+            ) from None
+    features = net.fc.in_features
     net.fc = nn.Identity()
-    return net, width
+    return net, features
 
 
 def build_model(arch: str, weights: str, head: type[nn.Module]) -> SeverityNet:
