@@ -151,3 +151,26 @@ def test_a_relative_mlflow_store_is_made_the_projects():
     for unchanged in ("sqlite:////abs/mlflow.db", "sqlite:///:memory:", "http://127.0.0.1:5000",
                       "postgresql://u@db/mlflow", "/abs/mlruns", "file:///abs/mlruns"):
         assert in_project(unchanged, root) == unchanged
+
+
+def test_a_command_runs_each_pipeline_with_its_own_tuned_settings():
+    from pap_severity.cli import each_pipeline
+    from pap_severity.config import Config
+
+    cfg = Config()
+    assert each_pipeline(cfg, None) == [(name, None) for name in cfg.train.pipelines]
+    template = Path("tuning/{pipeline}/best_params.json")
+    assert each_pipeline(cfg, ["sord", "corn", "sord"], template) == [
+        ("sord", Path("tuning/sord/best_params.json")), ("corn", Path("tuning/corn/best_params.json"))]
+    assert each_pipeline(cfg, ["corn"], Path("best.json")) == [("corn", Path("best.json"))]
+    with pytest.raises(ValueError, match=r"--best-params best.json is one file for 5 pipelines; put \{pipeline\}"):
+        each_pipeline(cfg, None, Path("best.json"))
+
+
+@pytest.mark.parametrize("args", [("train", "--best-params", "best.json"),
+                                  ("tune", "-p", "corn", "-p", "sord", "--study-name", "mine")])
+def test_one_file_or_study_for_several_pipelines_is_refused_before_anything_runs(tmp_path, args):
+    done = cli(*args, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --") and "give one --pipeline" in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -22,12 +22,13 @@ import pytest
 import yaml
 
 from pap_severity import cli
-from pap_severity.config import RUN_PARAMS, Config
+from pap_severity.config import PIPELINES, RUN_PARAMS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "pap_severity"
 GLUE = {"pap_severity", "pap_severity.cli", "pap_severity.stages"}  # and the version string of the root
 TRAINING_STAGES = ("tune", "train", "train_final")
+PIPELINE_NAMES = tuple(PIPELINES)
 
 
 def module_file(module: str) -> Path | None:
@@ -247,3 +248,43 @@ def test_the_checks_fail_when_a_listed_dep_or_param_is_removed(dvc):
 def test_the_import_graph_sees_imports_inside_functions():
     # stages.train imports training lazily; training imports models at module level.
     assert {"pap_severity.training", "pap_severity.models"} <= stage_modules("pap-severity train --pipeline combined")
+
+
+MERGED_STAGES = ("tune", "train", "evaluate", "train_final", "ensemble", "compare", "headline")
+
+
+def pipeline_paths(stage: dict, names: tuple[str, ...]) -> dict[str, set[str]]:
+    """Each path pattern of a stage's deps and outs that names a pipeline ({p} for the name) ->
+    the pipelines it is listed for."""
+    found: dict[str, set[str]] = {}
+    for kind in ("deps", "outs", "metrics"):
+        for entry in stage.get(kind, []):
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            parts = Path(path).parts
+            for name in names:
+                hits = [i for i, part in enumerate(parts) if part == name or part.split(".")[0] == name]
+                if hits:
+                    i = hits[0]
+                    pattern = Path(*parts[:i], parts[i].replace(name, "{p}", 1), *parts[i + 1:]).as_posix()
+                    found.setdefault(f"{kind}: {pattern}", set()).add(name)
+    return found
+
+
+@pytest.mark.parametrize("name", MERGED_STAGES)
+def test_stages_of_every_pipeline_list_each_pipeline_of_params(dvc, name):
+    """A stage that runs every pipeline of train.pipelines in one process lists each one's files:
+    were one left out, DVC would not cache or check it; were one extra, `dvc repro` would fail."""
+    pipelines = tuple(yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["pipelines"])
+    stage = dvc["stages"][name]
+    assert "foreach" not in stage
+    found = pipeline_paths(stage, PIPELINE_NAMES)
+    assert found, f"{name} lists no file of any pipeline"
+    wrong = {pattern: sorted(listed) for pattern, listed in found.items() if listed != set(pipelines)}
+    assert not wrong, f"dvc.yaml stage {name} lists these for other pipelines than train.pipelines {pipelines}: {wrong}"
+
+
+def test_the_pipeline_list_check_sees_a_missing_pipeline(dvc):
+    stage = copy.deepcopy(dvc["stages"]["train"])
+    stage["outs"].remove("models/corn")
+    found = pipeline_paths(stage, PIPELINE_NAMES)
+    assert found["outs: models/{p}"] == set(PIPELINE_NAMES) - {"corn"}

@@ -170,7 +170,7 @@ def test_the_headline_is_the_served_rows_numbers(tmp_path):
     (tmp_path / "metrics/ensemble/corn.json").write_text(json.dumps(spec))
     assert headline(["corn"], tmp_path / "metrics/ensemble")["corn"]["acc"] == pytest.approx(0.5)
     (tmp_path / "metrics/ensemble/corn.json").write_text('{"rows": {}}')
-    with pytest.raises(ValueError, match=r"corn\.json: not a served-model metrics file.*dvc repro ensemble@corn"):
+    with pytest.raises(ValueError, match=r"corn\.json: not a served-model metrics file.*dvc repro ensemble`"):
         headline(["corn"], tmp_path / "metrics/ensemble")
     with pytest.raises(FileNotFoundError, match="run `dvc repro ensemble` first"):
         write_headline(["sord"], tmp_path / "metrics/ensemble", tmp_path / "headline.json")
@@ -182,7 +182,7 @@ def test_the_headline_is_the_only_metric_and_every_detail_is_an_output():
     assert {name: m for name, m in declared.items() if m} == {"headline": [{"metrics/headline.json": {"cache": False}}]}
     outs = [next(iter(o)) if isinstance(o, dict) else o for body in stages.values() for o in body.get("do", body)
             .get("outs", [])]
-    for detail in ("metrics/${item}.json", "metrics/final/${item}.json", "metrics/ensemble/${item}.json",
+    for detail in ("metrics/combined.json", "metrics/final/combined.json", "metrics/ensemble/combined.json",
                    "reports/validation/validation.json", "reports/explain/${item}/summary.json",
                    "reports/registry.json"):
         assert detail in outs, detail
@@ -287,7 +287,7 @@ def test_queued_experiments_log_to_the_projects_mlflow_store(tmp_path):
     git(project, "commit", "-q", "-m", "baseline")
     # train.epochs: a setting of the train stage that tuning neither reads nor overrides
     for epochs in ("1", "2"):
-        dvc(project, "exp", "run", "--queue", "-S", f"train.epochs={epochs}", "train@classification")
+        dvc(project, "exp", "run", "--queue", "-S", f"train.epochs={epochs}", "train")
     done = dvc(project, "exp", "run", "--run-all", "-j", "1", check=False)
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     runs = [exp for baseline in shown for exp in baseline.get("experiments") or []]

@@ -511,6 +511,6 @@ def test_register_stage_registers_the_served_ensemble_with_what_the_server_needs
 def test_register_stage_says_what_to_run_when_the_served_model_is_missing(tmp_path, synth_set):
     from pap_severity import stages
 
-    with pytest.raises(FileNotFoundError, match=r"dvc repro ensemble@combined"):
+    with pytest.raises(FileNotFoundError, match=r"dvc repro ensemble`"):
         stages.register(config(tmp_path), ("combined",), manifest=synth_set["manifest_csv"],
                         served=tmp_path / "none", metrics=tmp_path / "none", out=tmp_path / "registry.json")

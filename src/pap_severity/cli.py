@@ -309,16 +309,31 @@ def data_validate(
 
 
 PipelineOpt = Annotated[str, typer.Option("--pipeline", "-p", help="classification, regression, combined, corn or sord")]
+PipelinesOpt = Annotated[Optional[list[str]], typer.Option(
+    "--pipeline", "-p", help="classification, regression, combined, corn or sord; repeat it for several "
+                             "[default: every pipeline of train.pipelines]")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="do not log to MLflow")]
-BestParamsOpt = Annotated[
-    Optional[Path], typer.Option(help="tuned settings to apply (tuning/<pipeline>/best_params.json)")
-]
+BestParamsOpt = Annotated[Optional[Path], typer.Option(
+    help="tuned settings to apply; {pipeline} in the path stands for each pipeline's name "
+         "(tuning/{pipeline}/best_params.json)")]
+
+
+def each_pipeline(cfg: Config, pipeline: list[str] | None,
+                  best_params: Path | None = None) -> list[tuple[str, Path | None]]:
+    """The pipelines a command runs, one after the other in this process (--pipeline, else train.pipelines),
+    each with its tuned-settings file. One process for all of them: a DVC stage pays its imports once."""
+    names = list(dict.fromkeys(pipeline)) if pipeline else list(cfg.train.pipelines)
+    if best_params is not None and len(names) > 1 and "{pipeline}" not in str(best_params):
+        raise ValueError(f"--best-params {best_params} is one file for {len(names)} pipelines; put {{pipeline}} "
+                         "in its path (tuning/{pipeline}/best_params.json), or give one --pipeline")
+    return [(name, None if best_params is None else Path(str(best_params).replace("{pipeline}", name)))
+            for name in names]
 
 
 @app.command("tune")
 @clean_errors
 def tune(
-    pipeline: PipelineOpt,
+    pipeline: PipelinesOpt = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage shared by workers, e.g. postgresql://user@host/db [params: tune.storage]")] = None,
     study_name: Annotated[Optional[str], typer.Option(help="join this study instead of the one named after the settings")] = None,
     n_trials: Annotated[Optional[int], typer.Option(help="finished trials the study aims at [params: tune.n_trials]")] = None,
@@ -326,46 +341,54 @@ def tune(
     no_track: NoTrackOpt = False,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Tune the settings in tune.space of one pipeline on the cv folds; one worker of its Optuna study."""
+    """Tune the settings in tune.space of each pipeline on the cv folds; one worker of each pipeline's Optuna study."""
     from pap_severity import stages
     from pap_severity.tuning.space import BEST_FILE, format_params
 
-    best = stages.tune(_config(params), pipeline, storage=storage, study_name=study_name, n_trials=n_trials,
-                       timeout=timeout, track=not no_track)
-    typer.echo(f"{pipeline}: best mean validation {best['metric']} {best['value']:.3f} with "
-               f"{format_params(best['params'])} -> {stages.TUNING / pipeline / BEST_FILE}")
+    cfg = _config(params)
+    pipelines = each_pipeline(cfg, pipeline)
+    if study_name is not None and len(pipelines) > 1:
+        raise ValueError(f"--study-name {study_name} names one study for {len(pipelines)} pipelines; give one --pipeline")
+    for name, _ in pipelines:
+        best = stages.tune(cfg, name, storage=storage, study_name=study_name, n_trials=n_trials, timeout=timeout,
+                           track=not no_track)
+        typer.echo(f"{name}: best mean validation {best['metric']} {best['value']:.3f} with "
+                   f"{format_params(best['params'])} -> {stages.TUNING / name / BEST_FILE}")
 
 
 @app.command("train")
 @clean_errors
 def train(
-    pipeline: PipelineOpt,
+    pipeline: PipelinesOpt = None,
     best_params: BestParamsOpt = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last epoch checkpoint")] = False,
     no_track: NoTrackOpt = False,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Cross-validate one pipeline: a model per fold, predictions on validation and test."""
+    """Cross-validate each pipeline: a model per fold, predictions on validation and test."""
     from pap_severity import stages
 
-    predictions = stages.train(_config(params), pipeline, best_params=best_params, resume=resume,
-                               track=not no_track)
-    accuracy = (predictions["pred"] == predictions["severity"]).groupby(
-        [predictions["part"], predictions["fold"]]).mean().groupby("part").mean()
-    typer.echo(f"{pipeline}: mean accuracy over folds " + ", ".join(f"{p} {a:.3f}" for p, a in accuracy.items()))
+    cfg = _config(params)
+    for name, tuned in each_pipeline(cfg, pipeline, best_params):
+        predictions = stages.train(cfg, name, best_params=tuned, resume=resume, track=not no_track)
+        accuracy = (predictions["pred"] == predictions["severity"]).groupby(
+            [predictions["part"], predictions["fold"]]).mean().groupby("part").mean()
+        typer.echo(f"{name}: mean accuracy over folds " + ", ".join(f"{p} {a:.3f}" for p, a in accuracy.items()))
 
 
 @app.command("evaluate")
 @clean_errors
-def evaluate(pipeline: PipelineOpt, best_params: BestParamsOpt = None, no_track: NoTrackOpt = False,
+def evaluate(pipeline: PipelinesOpt = None, best_params: BestParamsOpt = None, no_track: NoTrackOpt = False,
              params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Metrics (mean and std over folds) and figures of one pipeline."""
+    """Metrics (mean and std over folds) and figures of each pipeline."""
     from pap_severity import stages
 
-    result = stages.evaluate(_config(params), pipeline, best_params=best_params, track=not no_track)
-    m = result["metrics"]
-    shown = ", ".join(f"{k} {_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" for k in ("accuracy", "mean_auc", "mse"))
-    typer.echo(f"{pipeline}, test part, {m['data_source']} data: {shown} -> {result['metrics_path']}")
+    cfg = _config(params)
+    for name, tuned in each_pipeline(cfg, pipeline, best_params):
+        result = stages.evaluate(cfg, name, best_params=tuned, track=not no_track)
+        m = result["metrics"]
+        shown = ", ".join(f"{k} {_fmt(m[k]['mean'])} ± {_fmt(m[k]['std'])}" for k in ("accuracy", "mean_auc", "mse"))
+        typer.echo(f"{name}, test part, {m['data_source']} data: {shown} -> {result['metrics_path']}")
 
 
 @app.command("compare")
@@ -382,13 +405,16 @@ def compare(params: ParamsOpt = DEFAULT_PARAMS) -> None:
 
 @app.command("train-final")
 @clean_errors
-def train_final(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Train one pipeline on every cv cell with its tuned settings; measure it on the test part."""
+def train_final(pipeline: PipelinesOpt = None, best_params: BestParamsOpt = None,
+                params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Train each pipeline on every cv cell with its tuned settings; measure it on the test part."""
     from pap_severity import stages
 
-    m = stages.train_final(_config(params), pipeline, best_params=best_params)
-    typer.echo(f"{pipeline} final model, test part ({m['n_test_cells']} cells, {m['data_source']} data): "
-               f"accuracy {_fmt(m['accuracy'])}, mean AUC {_fmt(m['mean_auc'])}, score MSE {_fmt(m['mse'])}")
+    cfg = _config(params)
+    for name, tuned in each_pipeline(cfg, pipeline, best_params):
+        m = stages.train_final(cfg, name, best_params=tuned)
+        typer.echo(f"{name} final model, test part ({m['n_test_cells']} cells, {m['data_source']} data): "
+                   f"accuracy {_fmt(m['accuracy'])}, mean AUC {_fmt(m['mean_auc'])}, score MSE {_fmt(m['mse'])}")
 
 
 @app.command("sweep")
@@ -411,17 +437,20 @@ def sweep(
 
 @app.command("ensemble")
 @clean_errors
-def ensemble(pipeline: PipelineOpt, best_params: BestParamsOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """The served model (fold ensemble or final model) calibrated, with its referral threshold; every candidate on the test part."""
+def ensemble(pipeline: PipelinesOpt = None, best_params: BestParamsOpt = None,
+             params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Each pipeline's served model (fold ensemble or final model) calibrated, with its referral threshold; every candidate on the test part."""
     from pap_severity import stages
 
-    result = stages.ensemble(_config(params), pipeline, best_params=best_params)
-    m = result["metrics"]
-    for name, row in m["rows"].items():
-        accuracy = row["accuracy"]["mean"] if isinstance(row["accuracy"], dict) else row["accuracy"]
-        ece = row["ece_calibrated"]["mean"] if isinstance(row["ece_calibrated"], dict) else row["ece_calibrated"]
-        served = " (served)" if name == m["served"] else ""
-        typer.echo(f"{pipeline} {name:<13} test accuracy {_fmt(accuracy)}, ECE after temperature {_fmt(ece)}{served}")
+    cfg = _config(params)
+    for pipeline_name, tuned in each_pipeline(cfg, pipeline, best_params):
+        m = stages.ensemble(cfg, pipeline_name, best_params=tuned)["metrics"]
+        for name, row in m["rows"].items():
+            accuracy = row["accuracy"]["mean"] if isinstance(row["accuracy"], dict) else row["accuracy"]
+            ece = row["ece_calibrated"]["mean"] if isinstance(row["ece_calibrated"], dict) else row["ece_calibrated"]
+            served = " (served)" if name == m["served"] else ""
+            typer.echo(f"{pipeline_name} {name:<13} test accuracy {_fmt(accuracy)}, ECE after temperature "
+                       f"{_fmt(ece)}{served}")
 
 
 @app.command("headline")

@@ -44,8 +44,8 @@ def headline(pipelines: list[str] | tuple[str, ...], ensemble_metrics: Path) -> 
             content = json.loads(path.read_text())
             row = content["rows"][content["served"]]
         except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}: not a served-model metrics file ({exc}); rerun `dvc repro ensemble@{name}`") \
-                from None
+            raise ValueError(f"{path}: not a served-model metrics file ({exc}); rerun `dvc repro ensemble` "
+                             f"(or `pap-severity ensemble -p {name}`)") from None
         out[name] = {key: _mean(row.get(metric)) for key, metric in HEADLINE.items()}
     return out
 

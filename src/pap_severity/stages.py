@@ -272,7 +272,7 @@ def register(cfg: Config, pipelines: tuple[str, ...] | None = None, *, manifest:
         spec, metrics_file = served / f"{pipeline}.json", metrics / f"{pipeline}.json"
         for path in (spec, metrics_file):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: no served model of {pipeline}; run `dvc repro ensemble@{pipeline}` "
+                raise FileNotFoundError(f"{path}: no served model of {pipeline}; run `dvc repro ensemble` "
                                         f"(or `pap-severity ensemble -p {pipeline}`)")
         content = json.loads(metrics_file.read_text())
         row = content["rows"][content["served"]]
