@@ -7,8 +7,9 @@ Cross-validates the classification pipeline (`--pipeline` to change it) of PARAM
 `no_mixup augment.mixup=0`). Reads data/manifest.csv and data/splits.csv (write them with
 `pap-severity data manifest` and `data split --params PARAMS.yaml`); only the validation folds are
 scored, never the test part. Finished variants (OUT_DIR/<name>.json) are reused, so a killed run
-resumes. Prints a markdown table: each row's mean ± std over the folds and its paired difference
-from `recipe` (the same folds, the same seed).
+resumes; one of another pipeline or setting is refused, not reused. Prints a markdown table: each
+row's mean ± std over the folds and its paired difference from `recipe` (the same folds, the same
+seed).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pap_severity.config import Config, load_config
+from pap_severity.config import Config, load_config, run_definition
 from pap_severity.data.manifest import read_manifest
 from pap_severity.data.splits import read_splits
 from pap_severity.evaluation import fold_metrics
@@ -41,13 +42,19 @@ def override(cfg: Config, pairs: dict) -> Config:
 
 def run(cfg: Config, pipeline: str, name: str, out: Path, manifest, splits) -> dict:
     done = out / f"{name}.json"
+    definition = run_definition(cfg)
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if (result.get("pipeline"), result.get("definition")) != (pipeline, definition):
+            raise SystemExit(f"{done} holds {name} of another pipeline or setting ({result.get('pipeline')}); "
+                             "give another OUT_DIR, or delete it to run again")
+        return result
     start = time.monotonic()
     predictions = cross_validate(cfg, pipeline, manifest, splits, out / name, resume=True, progress=False)
     val = predictions[predictions["part"] == "val"]
     per_fold = [{k: m[k] for k in SHOWN} for m in fold_metrics(val)]
-    result = {"name": name, "pipeline": pipeline, "seconds": time.monotonic() - start, "per_fold": per_fold}
+    result = {"name": name, "pipeline": pipeline, "definition": definition, "seconds": time.monotonic() - start,
+              "per_fold": per_fold}
     done.write_text(json.dumps(result, indent=1))
     return result
 
