@@ -37,6 +37,7 @@ from pap_severity.data.masks import read_mask
 from pap_severity.data.splits import make_splits
 from pap_severity.data.synth import make_synthetic
 from pap_severity.ensemble import decode
+from pap_severity.explain.heatmap import COLORBAR_PX
 from pap_severity.serving import (
     RequestError,
     UploadLimits,
@@ -451,7 +452,7 @@ def test_explain_without_mask(served):
     body = r.json()
     heat = _png_image(body["heatmap_png"])
     # The 256 px overlay with its colour scale at the right.
-    assert heat.format == "PNG" and heat.size == (256 + ig.heatmap.COLORBAR_PX, 256)
+    assert heat.format == "PNG" and heat.size == (256 + COLORBAR_PX, 256)
     assert body["fractions"] is None
     assert_matches(body, in_process(served, Image.open(path)), served["spec"])
     assert body["image_size"] == 32 and body["baseline"] == "white" and body["n_steps"] == 50
@@ -577,7 +578,7 @@ def test_predict_command_gives_the_servers_numbers(served, tmp_path):
         for name in ("entropy", "score_std", "mutual_info", "disagreement"):
             assert abs(row[name] - body["uncertainty"][name]) <= TOL, name
         assert bool(row["refer"]) is body["refer"] and row["model_uri"] == body["model"]["uri"]
-        assert Image.open(row["heatmap"]).size == (256 + ig.heatmap.COLORBAR_PX, 256)
+        assert Image.open(row["heatmap"]).size == (256 + COLORBAR_PX, 256)
     mask = cells[0].with_name(cells[0].stem + "-d.bmp")
     explained = post_image(served, cells[0].read_bytes(), route="/explain",
                            mask=(mask.name, mask.read_bytes(), "image/bmp")).json()
