@@ -27,6 +27,18 @@ HERLEV_COUNTS = {
 }
 
 
+# The files that take longest (most of a minute to a few minutes each, by `pytest --durations`): the
+# xdist workers (pyproject addopts: whole files, --no-loadscope-reorder) take them first, so no
+# worker is left with one of them at the end while the other idles.
+LONGEST_FIRST = ("test_pipeline.py", "test_serving.py", "test_dvc_views.py", "test_tuning.py", "test_registry.py",
+                 "test_explain.py", "test_training.py", "test_trust.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
+
 def require(path: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"real Herlev copy not found at {path} (see ../shared/datasets/README.md)")
