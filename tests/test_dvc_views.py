@@ -285,9 +285,9 @@ def test_queued_experiments_log_to_the_projects_mlflow_store(tmp_path):
     dvc(project, "init", "-q")
     git(project, "add", "-A")
     git(project, "commit", "-q", "-m", "baseline")
-    # train.epochs: a setting of the train stage that tuning neither reads nor overrides
+    # tune, the first stage that logs to MLflow: its parent run of each study records tune.epochs
     for epochs in ("1", "2"):
-        dvc(project, "exp", "run", "--queue", "-S", f"train.epochs={epochs}", "train")
+        dvc(project, "exp", "run", "--queue", "-S", f"tune.epochs={epochs}", "tune")
     done = dvc(project, "exp", "run", "--run-all", "-j", "1", check=False)
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     runs = [exp for baseline in shown for exp in baseline.get("experiments") or []]
@@ -298,7 +298,7 @@ def test_queued_experiments_log_to_the_projects_mlflow_store(tmp_path):
     with sqlite3.connect(project / "mlflow.db") as db:
         logged = db.execute(
             "SELECT p.value FROM runs r JOIN params p ON p.run_uuid = r.run_uuid "
-            "WHERE r.name = 'classification' AND p.key = 'train.epochs'").fetchall()
+            "WHERE r.name = 'tune-classification' AND p.key = 'tune.epochs'").fetchall()
         artifacts = {row[0] for row in db.execute("SELECT artifact_location FROM experiments")}
     assert sorted(v for (v,) in logged) == ["1", "2"]
     assert all(str(project.resolve()) in location for location in artifacts if location.startswith("file:")), \
