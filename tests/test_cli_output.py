@@ -174,3 +174,10 @@ def test_one_file_or_study_for_several_pipelines_is_refused_before_anything_runs
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: --") and "give one --pipeline" in done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sweep_reads_the_combined_pipelines_tuned_settings_from_a_template(tmp_path):
+    """`sweep` cross-validates combined only: {pipeline} in --best-params stands for combined."""
+    done = cli("sweep", "--best-params", "tuning/{pipeline}/best_params.json", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "tuning/combined/best_params.json" in done.stderr and "{pipeline}" not in done.stderr, done.stderr

@@ -431,7 +431,9 @@ def sweep(
         values = tuple(float(v) for v in lambdas.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--lambdas must be numbers separated by commas, got {lambdas!r}") from None
-    stages.sweep(_config(params), values, best_params=best_params)
+    cfg = _config(params)
+    ((_, tuned),) = each_pipeline(cfg, ["combined"], best_params)  # {pipeline} in --best-params: combined
+    stages.sweep(cfg, values, best_params=tuned)
     typer.echo(Path("reports/sweep/lambda.md").read_text())
 
 
