@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "pap_severity"
 GLUE = {"pap_severity", "pap_severity.cli", "pap_severity.stages"}  # and the version string of the root
 TRAINING_STAGES = ("tune", "train", "train_final")
-PIPELINE_NAMES = tuple(PIPELINES)
 
 
 def module_file(module: str) -> Path | None:
@@ -165,11 +164,16 @@ def stages_of(dvc: dict) -> dict[str, dict]:
     return {name: (body["do"] if "do" in body else body) for name, body in dvc["stages"].items()}
 
 
+def listed(stage: dict, kind: str) -> list[str]:
+    """The paths of a stage's deps, outs or metrics (an entry with options is a one-key dict)."""
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get(kind, [])]
+
+
 def stage_code(stage: dict) -> set[str]:
     """stage_modules of its cmd, and for a stage that builds the bento (bento/service.py among its deps)
     what the service imports: the bento carries that code."""
     modules = stage_modules(stage["cmd"])
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    deps = listed(stage, "deps")
     if "bento/service.py" in deps:
         service = ast.parse((ROOT / "bento" / "service.py").read_text())
         modules |= {m for m in closure(imported_modules(service, "bento.service")) - GLUE
@@ -178,7 +182,7 @@ def stage_code(stage: dict) -> set[str]:
 
 
 def missing_deps(stage: dict) -> list[str]:
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    deps = listed(stage, "deps")
     return sorted(str(module_file(m).relative_to(ROOT)) for m in stage_code(stage) if not covers(deps, m))
 
 
@@ -217,7 +221,7 @@ def extra_deps(stage: dict) -> list[str]:
     """Listed source deps that no module of the stage's command lives in: an edit there would rerun
     the stage for nothing. The package's __init__ (the version string) is allowed."""
     files = {module_file(m).relative_to(ROOT) for m in stage_code(stage)}
-    deps = [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+    deps = listed(stage, "deps")
     return [d for d in deps if d.startswith("src/") and not d.endswith("__init__.py")
             and not any(Path(d) == f or Path(d) in f.parents for f in files)]
 
@@ -258,8 +262,7 @@ def pipeline_paths(stage: dict, names: tuple[str, ...]) -> dict[str, set[str]]:
     the pipelines it is listed for."""
     found: dict[str, set[str]] = {}
     for kind in ("deps", "outs", "metrics"):
-        for entry in stage.get(kind, []):
-            path = entry if isinstance(entry, str) else next(iter(entry))
+        for path in listed(stage, kind):
             parts = Path(path).parts
             for name in names:
                 hits = [i for i, part in enumerate(parts) if part == name or part.split(".")[0] == name]
@@ -277,7 +280,7 @@ def test_stages_of_every_pipeline_list_each_pipeline_of_params(dvc, name):
     pipelines = tuple(yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["pipelines"])
     stage = dvc["stages"][name]
     assert "foreach" not in stage
-    found = pipeline_paths(stage, PIPELINE_NAMES)
+    found = pipeline_paths(stage, PIPELINES)
     assert found, f"{name} lists no file of any pipeline"
     wrong = {pattern: sorted(listed) for pattern, listed in found.items() if listed != set(pipelines)}
     assert not wrong, f"dvc.yaml stage {name} lists these for other pipelines than train.pipelines {pipelines}: {wrong}"
@@ -286,5 +289,5 @@ def test_stages_of_every_pipeline_list_each_pipeline_of_params(dvc, name):
 def test_the_pipeline_list_check_sees_a_missing_pipeline(dvc):
     stage = copy.deepcopy(dvc["stages"]["train"])
     stage["outs"].remove("models/corn")
-    found = pipeline_paths(stage, PIPELINE_NAMES)
-    assert found["outs: models/{p}"] == set(PIPELINE_NAMES) - {"corn"}
+    found = pipeline_paths(stage, PIPELINES)
+    assert found["outs: models/{p}"] == set(PIPELINES) - {"corn"}
