@@ -43,12 +43,17 @@ def matmul_gflops(device: torch.device, n: int, repeats: int, dtype: torch.dtype
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def channels_last(device: torch.device, amp: bool, args: argparse.Namespace) -> bool:
+    """As training decides it (devices.channels_last_pays), unless --no-channels-last."""
+    return channels_last_pays(device, amp) and not args.no_channels_last
+
+
 def measure(arch: str, amp: bool, args: argparse.Namespace, device: torch.device) -> tuple[float, float]:
     """Training steps of `arch` on random cells, bf16 autocast or not: (images per second, FLOPs per step)."""
     torch.manual_seed(0)
     model = build_model(arch, "none", ClassifierHead).to(device).train()
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    if channels_last_pays(device, amp) and not args.no_channels_last:
+    if channels_last(device, amp, args):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (args.batch_size,), device=device)
@@ -109,8 +114,7 @@ def main() -> None:
     for (arch, precision), (rate, flops_per_step) in results.items():
         achieved = flops_per_step * rate / args.batch_size / 1e9
         kind, peak = peaks[precision]
-        layout = "channels_last" if channels_last_pays(device, precision == "bf16") and not args.no_channels_last \
-            else "contiguous"
+        layout = "channels_last" if channels_last(device, precision == "bf16", args) else "contiguous"
         print(f"{arch} {precision} ({layout}): {rate:.1f} images/s ({rate / first:.2f}x {runs[0][0]} "
               f"{runs[0][1]}), {flops_per_step / args.batch_size / 1e9:.3f} GFLOP per image (forward + "
               f"backward), achieved {achieved:.1f} GFLOP/s = {achieved / peak:.1%} of {kind} matmul")
